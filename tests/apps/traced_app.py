@@ -1,0 +1,117 @@
+"""The Celery app the integration tests run in real workers: one task per kind of end."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import Ignore, Reject
+from langfuse import get_client, observe
+
+import tracing
+
+app = Celery(
+    "traced_app",
+    broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:1/0"),
+    backend=os.environ.get("CELERY_RESULT_BACKEND", "redis://127.0.0.1:1/1"),
+)
+app.conf.update(
+    task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+)
+
+if os.environ.get("TEST_CLIENT_BEFORE_INSTRUMENT"):
+    # An application that created its Langfuse client at import time, before instrument().
+    get_client()
+
+tracing.instrument(app)
+
+
+def _generation(name: str, text: str) -> str:
+    with get_client().start_as_current_observation(
+        as_type="generation", name=name, model="test-model", input=text,
+    ) as generation:
+        output = text.upper()
+        generation.update(output=output, usage_details={"input": len(text), "output": 3})
+    return output
+
+
+@app.task(name="t.generate")
+def generate(i: int) -> dict[str, Any]:
+    return {"i": i, "text": _generation("llm", f"prompt {i}")}
+
+
+@observe(name="helper-step")
+def _observed_step(x: int) -> int:
+    return x * 2
+
+
+@app.task(name="t.observed")
+def observed(x: int) -> int:
+    return _observed_step(x)
+
+
+@app.task(name="t.add")
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@app.task(name="t.fail")
+def fail(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+@app.task(name="t.expected", throws=(KeyError,))
+def expected() -> None:
+    raise KeyError("missing")
+
+
+@app.task(name="t.retry", bind=True, max_retries=1)
+def retry(self: Any) -> str:
+    if self.request.retries == 0:
+        raise self.retry(exc=RuntimeError("flaky"), countdown=0.1)
+    return "ok"
+
+
+@app.task(name="t.ignore")
+def ignore() -> None:
+    raise Ignore()
+
+
+@app.task(name="t.reject")
+def reject() -> None:
+    raise Reject("bad message", requeue=False)
+
+
+@app.task(name="t.soft", soft_time_limit=0.3)
+def soft() -> None:
+    time.sleep(5)
+
+
+@app.task(name="t.hard", time_limit=2)
+def hard(i: int = 0) -> None:
+    _generation("before-the-kill", f"hard {i}")
+    time.sleep(30)
+
+
+@app.task(name="t.sleep")
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="t.secret")
+def secret(api_key: str, payload: Any) -> dict[str, Any]:
+    return {"password": api_key, "echo": payload}
+
+
+@app.task(name="t.chain_step")
+def chain_step(previous: Any, step: int) -> list[Any]:
+    _generation(f"step-{step}", str(previous))
+    return [previous, step]

@@ -1,0 +1,69 @@
+"""Shared fixtures: a private redis-server, the loopback Langfuse receiver, real workers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import RedisServer, WorkerProcess
+from tracing.testing import LangfuseReceiver
+
+pytest_plugins = ["celery.contrib.pytest"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[LangfuseReceiver]:
+    key = uuid.uuid4().hex[:8]
+    with LangfuseReceiver(public_key=f"pk-lf-{key}", secret_key=f"sk-lf-{key}") as server:
+        yield server
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def worker_env(
+    redis_server: RedisServer, receiver: LangfuseReceiver, spool_dir: Path
+) -> dict[str, str]:
+    """Environment for a worker: private Redis db, the receiver's keys, a private spool."""
+    db = 1 + uuid.uuid4().int % 14
+    return {
+        "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db}",
+        "TEST_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
+        "LANGFUSE_PUBLIC_KEY": receiver.public_key,
+        "LANGFUSE_SECRET_KEY": receiver.secret_key,
+        "LANGFUSE_BASE_URL": receiver.base_url,
+        "CELERY_LANGFUSE_SPOOL_DIR": str(spool_dir),
+        "CELERY_LANGFUSE_SHUTDOWN_TIMEOUT": "10",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str]) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real ``celery worker`` processes on the test app; all are killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def start(app: str = "tests.apps.traced_app", *, env: dict[str, str] | None = None,
+              wait: bool = True, **kwargs: object) -> WorkerProcess:
+        merged = {**worker_env, **(env or {})}
+        worker = WorkerProcess(app, merged, queue=merged["TEST_QUEUE"], **kwargs)  # type: ignore[arg-type]
+        started.append(worker)
+        return worker.wait_ready() if wait else worker
+
+    yield start
+    for worker in started:
+        worker.kill_group()

@@ -1,0 +1,245 @@
+"""Open task attempts: how a task whose process died still gets its observation.
+
+When a task starts, the process running it appends a ``KIND_OPEN`` frame to its spool
+segment *before* the body runs: task id, trace id, observation (span) id, parent, name,
+start time and the attributes the SDK put on the observation (input, metadata, trace
+attributes). When the task ends normally, its span is exported into the same segment, and
+the span id closes the attempt.
+
+If the process dies first (hard time limit, OOM kill, a SIGKILLed worker), no span ever
+comes. Then someone else writes it, as ERROR with the reason, **under the same ids**, so the
+generations the task already produced hang under it:
+
+- the worker's main process, on ``task_failure`` with ``TimeLimitExceeded`` /
+  ``WorkerLostError`` (and ``task_revoked`` with terminate), with Celery's reason;
+- otherwise the shipper, once the writer is known dead for a grace period (the main process
+  gets the first chance, since its reason is more precise).
+
+:class:`AttemptIndex` reads the spool incrementally and keeps only attempts still open, so
+its memory is bounded by the tasks in flight, not by the tasks run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from tracing._spool import (
+    KIND_OPEN,
+    KIND_SPAN,
+    SegmentId,
+    encode_frame,
+    list_segments,
+    scan_file,
+    writer_alive,
+)
+
+logger = logging.getLogger("celery_langfuse")
+
+LEVEL = "langfuse.observation.level"
+STATUS_MESSAGE = "langfuse.observation.status_message"
+AttributeValue = Any
+
+
+@dataclass(frozen=True)
+class OpenAttempt:
+    """What a task attempt's process wrote when the attempt started."""
+
+    task_id: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    start_ns: int
+    attributes: dict[str, AttributeValue]
+    resource: dict[str, AttributeValue] = field(default_factory=dict)
+    scope: str = "langfuse-sdk"
+    scope_version: str = ""
+    scope_attributes: dict[str, AttributeValue] = field(default_factory=dict)
+
+    def frame(self) -> bytes:
+        return encode_frame(KIND_OPEN, json.dumps(self.__dict__, default=str).encode())
+
+    @classmethod
+    def from_payload(cls, payload: bytes) -> OpenAttempt:
+        return cls(**json.loads(payload))
+
+
+def from_span(task_id: str, span: Any) -> OpenAttempt:
+    """Record a live SDK span (the task's observation) as an open attempt."""
+    context = span.get_span_context()
+    parent = span.parent
+    scope = span.instrumentation_scope
+    return OpenAttempt(
+        task_id=task_id,
+        name=span.name,
+        trace_id=f"{context.trace_id:032x}",
+        span_id=f"{context.span_id:016x}",
+        parent_span_id=f"{parent.span_id:016x}" if parent is not None else None,
+        start_ns=span.start_time or time.time_ns(),
+        attributes=_plain(span.attributes or {}),
+        resource=_plain(span.resource.attributes if span.resource else {}),
+        scope=scope.name if scope else "langfuse-sdk",
+        scope_version=(scope.version or "") if scope else "",
+        scope_attributes=_plain((scope.attributes or {}) if scope else {}),
+    )
+
+
+def _plain(attributes: Mapping[str, Any]) -> dict[str, AttributeValue]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()}
+
+
+def closing_span(attempt: OpenAttempt, reason: str, *, level: str = "ERROR") -> ReadableSpan:
+    """The task's observation, ended now with ``level`` and ``reason``, under its own ids."""
+    trace_id = int(attempt.trace_id, 16)
+    context = SpanContext(trace_id, int(attempt.span_id, 16), False, TraceFlags(1))
+    parent = (
+        SpanContext(trace_id, int(attempt.parent_span_id, 16), True, TraceFlags(1))
+        if attempt.parent_span_id else None
+    )
+    attributes = {**attempt.attributes, LEVEL: level, STATUS_MESSAGE: reason,
+                  "langfuse.observation.metadata.final_state": "FAILURE"}
+    return ReadableSpan(
+        name=attempt.name,
+        context=context,
+        parent=parent,
+        resource=Resource(attempt.resource),
+        attributes={k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()},
+        kind=SpanKind.INTERNAL,
+        status=Status(StatusCode.ERROR, reason),
+        start_time=attempt.start_ns,
+        end_time=max(time.time_ns(), attempt.start_ns),
+        instrumentation_scope=InstrumentationScope(
+            attempt.scope, attempt.scope_version or None, None, attempt.scope_attributes
+        ),
+    )
+
+
+@dataclass
+class _Tracked:
+    attempt: OpenAttempt
+    segment: Path
+    writer: SegmentId
+
+
+class AttemptIndex:
+    """Attempts opened in a spool and not yet closed, read incrementally from the segments."""
+
+    def __init__(self, spool_dir: Path) -> None:
+        self.spool_dir = spool_dir
+        self._read_to: dict[Path, int] = {}
+        self._open: dict[str, _Tracked] = {}
+        # When each dead writer was first seen dead. Writers already dead when this index was
+        # built count from their last write, so a previous run's orphans close at once; a
+        # writer that dies while we run waits out the grace period, which gives the worker's
+        # main process (with Celery's precise reason) the first chance to close its attempts.
+        self._dead_since: dict[SegmentId, float] = {}
+        self._seen_live_pass = False
+        self._lock = threading.RLock()
+
+    def refresh(self) -> None:
+        """Read what was appended since the last call; close attempts whose span arrived."""
+        with self._lock:
+            opened: list[_Tracked] = []
+            closed: set[str] = set()
+            present = set()
+            for path, segment in list_segments(self.spool_dir):
+                present.add(path)
+                self._read_segment(path, segment, opened, closed)
+            for gone in set(self._read_to) - present:
+                del self._read_to[gone]
+            for tracked in opened:
+                self._open[tracked.attempt.span_id] = tracked
+            for span_id in closed:
+                self._open.pop(span_id, None)
+
+    def _read_segment(
+        self, path: Path, segment: SegmentId, opened: list[_Tracked], closed: set[str]
+    ) -> None:
+        start = self._read_to.get(path, 0)
+        try:
+            result = scan_file(path, start)
+        except FileNotFoundError:
+            return
+        for record in result.records:
+            if record.kind == KIND_SPAN:
+                closed.add(record.payload[:8].hex())
+            elif record.kind == KIND_OPEN:
+                try:
+                    opened.append(_Tracked(OpenAttempt.from_payload(record.payload), path, segment))
+                except (ValueError, TypeError):
+                    logger.warning("celery-langfuse: unreadable open-attempt record in %s", path)
+        self._read_to[path] = result.end
+
+    def has_read(self, path: Path) -> bool:
+        """True once every whole record of ``path`` has been read into the index."""
+        with self._lock:
+            try:
+                return self._read_to.get(path, 0) >= path.stat().st_size
+            except FileNotFoundError:
+                return True
+
+    def find_task(self, task_id: str) -> OpenAttempt | None:
+        with self._lock:
+            for tracked in self._open.values():
+                if tracked.attempt.task_id == task_id:
+                    return tracked.attempt
+        return None
+
+    def mark_closed(self, span_id: str) -> None:
+        with self._lock:
+            self._open.pop(span_id, None)
+
+    def orphans(self, dead_for: float, now: float | None = None) -> list[OpenAttempt]:
+        """Open attempts whose writing process has been dead at least ``dead_for`` seconds."""
+        now = time.time() if now is None else now
+        with self._lock:
+            tracked = list(self._open.values())
+            found = self._orphans_among(tracked, dead_for, now)
+            self._seen_live_pass = True
+            writers = {item.writer for item in tracked}
+            self._dead_since = {w: t for w, t in self._dead_since.items() if w in writers}
+            return found
+
+    def _orphans_among(
+        self, tracked: list[_Tracked], dead_for: float, now: float
+    ) -> list[OpenAttempt]:
+        found = []
+        for item in tracked:
+            dead_since = self._dead_since_for(item, now)
+            if dead_since is not None and now - dead_since >= dead_for:
+                found.append(item.attempt)
+        return found
+
+    def _dead_since_for(self, item: _Tracked, now: float) -> float | None:
+        if item.writer in self._dead_since:
+            return self._dead_since[item.writer]
+        if writer_alive(item.writer):
+            return None
+        since = now
+        if not self._seen_live_pass:
+            try:
+                since = item.segment.stat().st_mtime
+            except FileNotFoundError:
+                since = 0.0
+        self._dead_since[item.writer] = since
+        return since
+
+    def segments_with_open_attempts(self) -> set[Path]:
+        with self._lock:
+            return {tracked.segment for tracked in self._open.values()}
+
+    def open_attempts(self) -> Iterable[OpenAttempt]:
+        with self._lock:
+            return [tracked.attempt for tracked in self._open.values()]

@@ -1,0 +1,90 @@
+"""The spool exporter: where spans leave process memory, as local writes instead of network.
+
+The Langfuse SDK keeps creating spans and batching them in OpenTelemetry's
+``BatchSpanProcessor``; this exporter is handed to the SDK as its ``span_exporter``, so every
+batch the processor exports is appended to this process's spool segment: one
+``KIND_SPAN`` frame per span (a self-contained OTLP ``ExportTraceServiceRequest`` prefixed
+with the span and trace ids, so the shipper can batch, split and de-duplicate without
+decoding protobuf), all frames of a batch in one ``os.write``.
+
+A failed write (full disk, unwritable directory) never propagates into the task: the spans
+are counted as dropped and one log line per kind of error says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from tracing._spool import KIND_SPAN, SegmentWriter, encode_frame, span_payload
+
+logger = logging.getLogger("celery_langfuse")
+
+
+def span_frame(span: ReadableSpan) -> bytes:
+    """One spool frame holding ``span`` as a one-span OTLP request."""
+    context = span.get_span_context()
+    assert context is not None
+    otlp = encode_spans([span]).SerializeToString()
+    ids = span_payload(
+        context.span_id.to_bytes(8, "big"), context.trace_id.to_bytes(16, "big"), otlp
+    )
+    return encode_frame(KIND_SPAN, ids)
+
+
+class SpoolExporter(SpanExporter):
+    """An OpenTelemetry span exporter that appends spans to the local spool."""
+
+    def __init__(self, writer: SegmentWriter) -> None:
+        self.writer = writer
+        self.dropped_spans = 0
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            frames = b"".join(span_frame(span) for span in spans)
+        except Exception:
+            logger.exception("celery-langfuse: could not encode %d span(s); dropped", len(spans))
+            self._count_dropped(len(spans))
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS if self.write(frames, len(spans)) else (
+            SpanExportResult.FAILURE
+        )
+
+    def write(self, frames: bytes, span_count: int) -> bool:
+        """Append ready frames; on failure count and log, never raise."""
+        try:
+            self.writer.append(frames)
+            return True
+        except Exception as exc:
+            self._count_dropped(span_count)
+            self._report_once(exc)
+            return False
+
+    def _count_dropped(self, count: int) -> None:
+        with self._lock:
+            self.dropped_spans += count
+
+    def _report_once(self, exc: Exception) -> None:
+        kind = f"{type(exc).__name__}:{getattr(exc, 'errno', '')}"
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        logger.error(
+            "celery-langfuse: cannot write to the trace spool %s (%s); spans are being dropped "
+            "(%d so far) but tasks keep running. Free disk space or point "
+            "CELERY_LANGFUSE_SPOOL_DIR at a writable directory.",
+            self.writer.spool_dir, exc, self.dropped_spans,
+        )
+
+    def shutdown(self) -> None:
+        """Nothing to release: the writer outlives SDK shutdowns."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True

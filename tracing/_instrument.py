@@ -1,0 +1,133 @@
+"""``instrument(app)``: connect the tracing handlers to Celery's signals, once.
+
+Called at import time in the app module, it only validates the configuration and connects
+handlers; nothing is started until the process becomes a worker (``worker_init``), so a web
+service that imports the same app module to enqueue tasks gets header propagation and no
+spool. Celery's signals are process-global: the handlers are connected once (by
+``dispatch_uid``) and act for every instrumented app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, signals
+
+from tracing import _runtime
+from tracing._config import Config, load_config
+from tracing._propagation import connect_publish_handler, disconnect_publish_handler
+from tracing._spool import SpoolError
+from tracing._task_tracing import (
+    never_raises,
+    on_task_failure,
+    on_task_internal_error,
+    on_task_postrun,
+    on_task_prerun,
+    on_task_rejected,
+    on_task_retry,
+    on_task_revoked,
+    on_task_unknown,
+)
+
+logger = logging.getLogger("celery_langfuse")
+
+_apps: dict[int, Celery] = {}
+_config: Config | None = None
+
+
+def instrument(app: Celery, **options: Any) -> Config:
+    """Trace every task of ``app`` into Langfuse, losing nothing when a worker exits.
+
+    ``options`` override the environment (see ``Config``); a bad value raises
+    ``ConfigError``. Idempotent. Returns the configuration in force.
+    """
+    global _config
+    config = load_config(**options)
+    _config = config
+    _apps[id(app)] = app
+    connect_publish_handler()
+    if not config.enabled:
+        _disconnect_worker_handlers()
+        return config
+    if not config.has_keys:
+        logger.warning(
+            "celery-langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY are not set; tasks "
+            "run untraced. Set them (and LANGFUSE_BASE_URL) to trace, or set "
+            "CELERY_LANGFUSE_ENABLED=false to silence this warning."
+        )
+        return config
+    _connect_worker_handlers()
+    return config
+
+
+def uninstrument(app: Celery) -> None:
+    """Undo :func:`instrument` for ``app``; with no app left, disconnect every handler."""
+    _apps.pop(id(app), None)
+    if not _apps:
+        _disconnect_worker_handlers()
+        disconnect_publish_handler()
+
+
+def is_instrumented(app: Celery) -> bool:
+    return id(app) in _apps
+
+
+_TASK_SIGNALS: list[tuple[Any, Callable[..., Any]]] = [
+    (signals.task_prerun, on_task_prerun),
+    (signals.task_postrun, on_task_postrun),
+    (signals.task_failure, on_task_failure),
+    (signals.task_retry, on_task_retry),
+    (signals.task_internal_error, on_task_internal_error),
+    (signals.task_revoked, on_task_revoked),
+    (signals.task_rejected, on_task_rejected),
+    (signals.task_unknown, on_task_unknown),
+]
+
+
+@never_raises
+def on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Main process, before the pool forks: spool, Langfuse client, shipper."""
+    if _config is None or not _belongs(sender):
+        return
+    try:
+        _runtime.start(_config)
+    except SpoolError as exc:
+        logger.error("celery-langfuse: %s. Tasks run untraced until this is fixed.", exc)
+
+
+@never_raises
+def on_worker_process_shutdown(**_: Any) -> None:
+    """Pool child leaving (it ends in os._exit, skipping atexit): spans to the spool."""
+    runtime = _runtime.current()
+    if runtime is not None:
+        runtime.flush()
+
+
+@never_raises
+def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    """Main process: flush, then one last shipping attempt bounded by the shutdown timeout."""
+    _runtime.stop()
+
+
+def _belongs(sender: Any) -> bool:
+    app = getattr(sender, "app", None)
+    return app is None or id(app) in _apps
+
+
+_WORKER_SIGNALS: list[tuple[Any, Callable[..., Any]]] = [
+    (signals.worker_init, on_worker_init),
+    (signals.worker_process_shutdown, on_worker_process_shutdown),
+    (signals.worker_shutdown, on_worker_shutdown),
+]
+
+
+def _connect_worker_handlers() -> None:
+    for signal, handler in _TASK_SIGNALS + _WORKER_SIGNALS:
+        signal.connect(handler, weak=False, dispatch_uid=f"celery_langfuse.{handler.__name__}")
+
+
+def _disconnect_worker_handlers() -> None:
+    for signal, handler in _TASK_SIGNALS + _WORKER_SIGNALS:
+        signal.disconnect(dispatch_uid=f"celery_langfuse.{handler.__name__}")

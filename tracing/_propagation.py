@@ -1,0 +1,184 @@
+"""Producer → task propagation: trace attributes and W3C ``traceparent`` in message headers.
+
+A producer wraps ``.delay()`` / ``apply_async()`` / ``send_task()`` in
+:func:`trace_attributes`; a ``before_task_publish`` handler writes what is in force into the
+message headers: ``traceparent`` (and ``tracestate``) of the current OpenTelemetry/Langfuse
+context, so a producer inside an observation gets the task as its child, and
+``celery_langfuse`` (a JSON object: user_id, session_id, tags, metadata, trace_name).
+
+Celery nests custom headers under ``headers["headers"]`` or not depending on the message
+protocol and on how the task was sent, so both levels are written and both are read.
+``send_task`` of a task the producer does not have registered goes through the same signal,
+so it is covered too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from celery import signals
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = ["TraceAttributes", "read_headers", "trace_attributes"]
+
+logger = logging.getLogger("celery_langfuse")
+
+ATTRIBUTES_HEADER = "celery_langfuse"
+_W3C_KEYS = ("traceparent", "tracestate")
+_propagator = TraceContextTextMapPropagator()
+
+
+@dataclass(frozen=True)
+class TraceAttributes:
+    """Trace-level attributes that a producer attaches to the tasks it sends."""
+
+    user_id: str | None = None
+    session_id: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    trace_name: str | None = None
+
+    def merged(self, other: TraceAttributes) -> TraceAttributes:
+        """Values of ``other`` win; tags and metadata are combined."""
+        return TraceAttributes(
+            user_id=other.user_id or self.user_id,
+            session_id=other.session_id or self.session_id,
+            tags=tuple(dict.fromkeys(self.tags + other.tags)),
+            metadata={**self.metadata, **other.metadata},
+            trace_name=other.trace_name or self.trace_name,
+        )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["tags"] = list(self.tags)
+        return json.dumps({k: v for k, v in data.items() if v}, default=str)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> TraceAttributes:
+        tags = data.get("tags") or ()
+        metadata = data.get("metadata") or {}
+        return cls(
+            user_id=_text(data.get("user_id")),
+            session_id=_text(data.get("session_id")),
+            tags=tuple(str(t) for t in (tags if isinstance(tags, (list, tuple)) else [tags])),
+            metadata=dict(metadata) if isinstance(metadata, Mapping) else {"value": metadata},
+            trace_name=_text(data.get("trace_name")),
+        )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+_current: contextvars.ContextVar[TraceAttributes | None] = contextvars.ContextVar(
+    "celery_langfuse_trace_attributes", default=None
+)
+
+
+@contextlib.contextmanager
+def trace_attributes(
+    *,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    tags: Sequence[str] = (),
+    metadata: Mapping[str, Any] | None = None,
+    trace_name: str | None = None,
+) -> Iterator[TraceAttributes]:
+    """Attach trace attributes to every task sent inside the block (nesting combines them).
+
+    The W3C ``traceparent`` of the current Langfuse/OpenTelemetry context is attached too,
+    so a producer that is inside an observation gets the task as its child.
+    """
+    connect_publish_handler()
+    outer = _current.get() or TraceAttributes()
+    attrs = outer.merged(
+        TraceAttributes(user_id, session_id, tuple(tags), dict(metadata or {}), trace_name)
+    )
+    token = _current.set(attrs)
+    try:
+        yield attrs
+    finally:
+        _current.reset(token)
+
+
+def connect_publish_handler() -> None:
+    """Connect the ``before_task_publish`` handler (idempotent)."""
+    signals.before_task_publish.connect(_on_before_publish, weak=False,
+                                        dispatch_uid="celery_langfuse.publish")
+
+
+def disconnect_publish_handler() -> None:
+    signals.before_task_publish.disconnect(dispatch_uid="celery_langfuse.publish")
+
+
+def _on_before_publish(
+    sender: Any = None, headers: MutableMapping[str, Any] | None = None, **_: Any
+) -> None:
+    try:
+        if headers is not None:
+            inject(headers)
+    except Exception:  # tracing never breaks a publish
+        logger.exception("celery-langfuse: could not add trace headers to task %s", sender)
+
+
+def inject(headers: MutableMapping[str, Any]) -> None:
+    """Write the current trace context and attributes into both header levels."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    attrs = _current.get()
+    if attrs is not None:
+        carrier[ATTRIBUTES_HEADER] = attrs.to_json()
+    if not carrier:
+        return
+    nested = headers.get("headers")
+    if not isinstance(nested, MutableMapping):
+        nested = {}
+        headers["headers"] = nested
+    for key, value in carrier.items():
+        headers.setdefault(key, value)
+        nested.setdefault(key, value)
+
+
+@dataclass(frozen=True)
+class IncomingContext:
+    """What a task message carried: the W3C carrier and the producer's trace attributes."""
+
+    carrier: dict[str, str]
+    attributes: TraceAttributes
+
+
+def read_headers(request: Any) -> IncomingContext:
+    """Read ``traceparent`` and trace attributes from a task request, at either header level."""
+    sources: list[Mapping[str, Any]] = []
+    for candidate in (getattr(request, "headers", None), getattr(request, "__dict__", None)):
+        if isinstance(candidate, Mapping):
+            sources.append(candidate)
+            inner = candidate.get("headers")
+            if isinstance(inner, Mapping):
+                sources.append(inner)
+    carrier: dict[str, str] = {}
+    raw_attrs: Any = None
+    for source in sources:
+        for key in _W3C_KEYS:
+            if key not in carrier and isinstance(source.get(key), str):
+                carrier[key] = source[key]
+        if raw_attrs is None:
+            raw_attrs = source.get(ATTRIBUTES_HEADER)
+    return IncomingContext(carrier, _parse_attributes(raw_attrs))
+
+
+def _parse_attributes(raw: Any) -> TraceAttributes:
+    if raw is None:
+        return TraceAttributes()
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else raw
+        return TraceAttributes.from_mapping(data) if isinstance(data, Mapping) else TraceAttributes()
+    except ValueError:
+        logger.warning("celery-langfuse: ignoring unreadable %s header %r", ATTRIBUTES_HEADER, raw)
+        return TraceAttributes()

@@ -1,0 +1,93 @@
+"""The per-process tracing runtime: who writes spans where, and who ships them.
+
+A worker's main process builds the runtime at ``worker_init`` (before the pool forks): the
+spool writer, the spool exporter, the Langfuse client wired to it, and — only there — the
+shipper. Prefork children inherit it through ``fork``: the writer reopens a segment named
+after the child on its first write, OpenTelemetry's batch processor restarts its thread, and
+the shipper reference is dropped (only the main process ships). Solo and threads pools run
+tasks in the main process, which therefore ships its own spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from langfuse import Langfuse
+
+from tracing._client import attach_langfuse
+from tracing._config import Config
+from tracing._exporter import SpoolExporter
+from tracing._shipper import Shipper
+from tracing._spool import SegmentWriter, ensure_spool_dir
+
+logger = logging.getLogger("celery_langfuse")
+
+
+@dataclass
+class Runtime:
+    """Everything one process needs to trace tasks into the spool."""
+
+    config: Config
+    exporter: SpoolExporter
+    client: Langfuse
+    processor: Any  # the SDK's LangfuseSpanProcessor, redirected to the spool
+    shipper: Shipper | None
+    main_pid: int
+
+    def flush(self) -> None:
+        """Move every ended span of this process into the spool (local, no network)."""
+        self.processor.force_flush()
+
+    def write_frames(self, frames: bytes) -> None:
+        self.exporter.write(frames, 0)
+
+    def _forget_shipper_in_child(self) -> None:
+        # Only the main process ships: a forked child must never touch the shipper's lock,
+        # cursors or HTTP client, which it shares with its parent after fork.
+        if os.getpid() != self.main_pid:
+            self.shipper = None
+
+
+_runtime: Runtime | None = None
+
+
+def current() -> Runtime | None:
+    return _runtime
+
+
+def start(config: Config, *, ship: bool = True) -> Runtime:
+    """Build this process's runtime (idempotent) and start the shipper if ``ship``."""
+    global _runtime
+    if _runtime is not None and _runtime.config == config:
+        return _runtime
+    spool_dir = ensure_spool_dir(config.spool_dir)
+    writer = SegmentWriter(spool_dir)
+    exporter = SpoolExporter(writer)
+    client, processor = attach_langfuse(config, exporter)
+    shipper = Shipper(config, exporter) if ship else None
+    runtime = Runtime(config, exporter, client, processor, shipper, os.getpid())
+    ref = weakref.WeakMethod(runtime._forget_shipper_in_child)
+    os.register_at_fork(after_in_child=lambda: (m := ref()) and m())  # type: ignore[func-returns-value]
+    if shipper is not None:
+        shipper.start()
+    _runtime = runtime
+    return runtime
+
+
+def stop() -> None:
+    """Flush this process's spans to the spool; in the main process, ship with a bound."""
+    global _runtime
+    runtime = _runtime
+    if runtime is None:
+        return
+    try:
+        runtime.flush()
+    except Exception:
+        logger.exception("celery-langfuse: flushing spans to the spool failed")
+    if runtime.shipper is not None and os.getpid() == runtime.main_pid:
+        runtime.shipper.stop(runtime.config.shutdown_timeout)
+        runtime.shipper = None

@@ -1,0 +1,424 @@
+"""One Langfuse observation per task attempt, opened and closed by Celery's signals.
+
+``task_prerun`` opens the observation (named after the task, type ``span`` unless the task
+asks otherwise), makes it the current OpenTelemetry context while the body runs — so
+``get_client()``, ``@observe`` and ``langfuse.openai`` calls nest under it — and records the
+open attempt in the spool. The trace is the producer's when the message carries
+``traceparent``; otherwise it is derived from the task's ``root_id``, so a whole canvas
+lands in one trace. ``task_postrun`` closes it with the end the task had:
+
+=====================  =========  ===========================================================
+end                    level      status message / where
+=====================  =========  ===========================================================
+SUCCESS                DEFAULT    output captured
+FAILURE                ERROR      ``ExcType: message``, traceback in metadata
+in ``task.throws``     WARNING    ``ExcType: message`` (an expected error)
+RETRY                  WARNING    reason and when the next attempt runs
+IGNORED                DEFAULT    ``ignored``
+REJECTED               WARNING    the reason; also a message rejected by the consumer
+REVOKED                WARNING    expired / terminated (main process)
+unknown task           ERROR      main process, a fresh observation
+internal error         ERROR      an error in Celery around the body
+hard time limit,       ERROR      main process, under the dead child's ids (``_attempts``)
+worker lost
+=====================  =========  ===========================================================
+
+Every handler catches and logs its own errors: tracing never breaks a task.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from langfuse import Langfuse, propagate_attributes
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+
+from tracing import _runtime
+from tracing._attempts import from_span
+from tracing._options import TaskOptions, options_for
+from tracing._payload import render
+from tracing._propagation import TraceAttributes, _propagator, read_headers
+
+logger = logging.getLogger("celery_langfuse")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_TRACEBACK_LIMIT = 8000
+
+
+def never_raises(handler: F) -> F:
+    """Run a signal handler so that its own failure is logged, never raised into Celery."""
+
+    @functools.wraps(handler)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return handler(*args, **kwargs)
+        except Exception:
+            logger.exception("celery-langfuse: %s failed; the task is unaffected",
+                             handler.__name__)
+            return None
+
+    return guarded  # type: ignore[return-value]
+
+
+def trace_id_for(root_id: str) -> str:
+    """The Langfuse trace id of a task tree: derived from its root task id."""
+    return Langfuse.create_trace_id(seed=root_id)
+
+
+@dataclass
+class _Outcome:
+    level: str = "DEFAULT"
+    status_message: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Active:
+    """A task attempt whose observation is open in this process."""
+
+    observation: Any
+    tokens: list[Any]
+    options: TaskOptions
+    outcome: _Outcome | None = None
+
+
+_active: dict[str, _Active] = {}
+
+
+# -- task start -------------------------------------------------------------------------------
+
+@never_raises
+def on_task_prerun(
+    sender: Any = None, task_id: str | None = None, task: Any = None,
+    args: Any = None, kwargs: Any = None, **_: Any,
+) -> None:
+    runtime = _runtime.current()
+    if runtime is None or task is None or task_id is None:
+        return
+    config = runtime.config
+    if config.is_excluded(task.name):
+        return
+    options = options_for(task)
+    request = task.request
+    incoming = read_headers(request)
+    attributes = incoming.attributes.merged(_extract(options, kwargs or {}))
+    capture = config.capture_input if options.capture_input is None else options.capture_input
+    observation = _start_observation(
+        runtime.client, task, incoming.carrier, request,
+        input=_render({"args": args, "kwargs": kwargs}) if capture else None,
+        metadata=task_metadata(task, request, task_id),
+    )
+    span = observation._otel_span
+    tokens = [otel_context.attach(otel_trace.set_span_in_context(span))]
+    propagation = _propagate(attributes)
+    if propagation is not None:
+        propagation.__enter__()
+        tokens.append(propagation)
+    _active[task_id] = _Active(observation, tokens, options)
+    runtime.write_frames(from_span(task_id, span).frame())
+
+
+def _start_observation(
+    client: Langfuse, task: Any, carrier: dict[str, str], request: Any, **fields: Any
+) -> Any:
+    as_type = options_for(task).as_type
+    if "traceparent" in carrier:
+        token = otel_context.attach(_propagator.extract(carrier))
+        try:
+            return client.start_observation(name=task.name, as_type=as_type, **fields)
+        finally:
+            otel_context.detach(token)
+    root = getattr(request, "root_id", None) or request.id
+    return client.start_observation(
+        trace_context={"trace_id": trace_id_for(root)}, name=task.name, as_type=as_type,
+        **fields,
+    )
+
+
+def _extract(options: TaskOptions, kwargs: Mapping[str, Any]) -> TraceAttributes:
+    if options.trace_attributes is None:
+        return TraceAttributes()
+    try:
+        return TraceAttributes.from_mapping(options.trace_attributes(kwargs) or {})
+    except Exception:
+        logger.exception("celery-langfuse: the task's trace_attributes extractor failed")
+        return TraceAttributes()
+
+
+def _propagate(attributes: TraceAttributes) -> Any:
+    if attributes == TraceAttributes():
+        return None
+    metadata = {k: v if isinstance(v, str) else str(v) for k, v in attributes.metadata.items()}
+    return propagate_attributes(
+        user_id=attributes.user_id, session_id=attributes.session_id,
+        tags=list(attributes.tags) or None, metadata=metadata or None,
+        trace_name=attributes.trace_name,
+    )
+
+
+def task_metadata(task: Any, request: Any, task_id: str) -> dict[str, Any]:
+    """The Celery facts every task observation carries."""
+    delivery = getattr(request, "delivery_info", None) or {}
+    meta = {
+        "task_id": task_id,
+        "task_name": task.name,
+        "attempt": (getattr(request, "retries", 0) or 0) + 1,
+        "retries": getattr(request, "retries", 0) or 0,
+        "max_retries": getattr(task, "max_retries", None),
+        "queue": delivery.get("queue") or delivery.get("routing_key"),
+        "routing_key": delivery.get("routing_key"),
+        "exchange": delivery.get("exchange"),
+        "hostname": getattr(request, "hostname", None),
+        "pid": os.getpid(),
+        "root_id": getattr(request, "root_id", None),
+        "parent_id": getattr(request, "parent_id", None),
+        "group_id": getattr(request, "group", None),
+        "eta": getattr(request, "eta", None),
+        "expires": getattr(request, "expires", None),
+    }
+    return {k: str(v) if not isinstance(v, (int, str)) else v
+            for k, v in meta.items() if v is not None and v != ""}
+
+
+def _render(value: Any) -> Any:
+    runtime = _runtime.current()
+    assert runtime is not None
+    config = runtime.config
+    return render(value, redact=config.redact_keys, max_bytes=config.max_payload_bytes)
+
+
+# -- ends seen in the process that ran the body -----------------------------------------------
+
+@never_raises
+def on_task_failure(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    einfo: Any = None, **_: Any,
+) -> None:
+    if task_id is None:
+        return
+    active = _active.get(task_id)
+    if active is None:
+        _failure_elsewhere(sender, task_id, exception)
+        return
+    throws = tuple(getattr(sender, "throws", ()) or ())
+    expected = bool(throws) and isinstance(exception, throws)
+    active.outcome = _Outcome(
+        "WARNING" if expected else "ERROR",
+        describe(exception),
+        {"traceback": _traceback(einfo, exception), "expected_error": expected},
+    )
+
+
+@never_raises
+def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any) -> None:
+    task_id = getattr(request, "id", None)
+    active = _active.get(task_id) if task_id else None
+    if active is None:
+        return
+    when = getattr(reason, "when", None)
+    cause = getattr(reason, "exc", None) or reason
+    message = f"retry: {describe(cause)}" + (f" (next attempt {_when(when)})" if when else "")
+    active.outcome = _Outcome("WARNING", message, {"retry_reason": str(reason),
+                                                   "retry_when": str(when)})
+
+
+def _when(when: Any) -> str:
+    return f"in {when:g}s" if isinstance(when, (int, float)) else f"at {when}"
+
+
+@never_raises
+def on_task_internal_error(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    einfo: Any = None, **_: Any,
+) -> None:
+    outcome = _Outcome("ERROR", f"internal error: {describe(exception)}",
+                       {"traceback": _traceback(einfo, exception)})
+    active = _active.get(task_id or "")
+    if active is not None and task_id is not None:
+        active.outcome = outcome
+        _finish(task_id, "FAILURE", None)
+    elif task_id is not None and sender is not None:
+        emit_observation(sender.name, task_id, None, outcome, _StateOnly("FAILURE"))
+
+
+@never_raises
+def on_task_postrun(
+    sender: Any = None, task_id: str | None = None, retval: Any = None, state: str | None = None,
+    **_: Any,
+) -> None:
+    if task_id is not None:
+        _finish(task_id, state or "SUCCESS", retval)
+
+
+def _finish(task_id: str, state: str, retval: Any) -> None:
+    active = _active.pop(task_id, None)
+    runtime = _runtime.current()
+    if active is None or runtime is None:
+        return
+    outcome = active.outcome or _outcome_for_state(state, retval)
+    capture = active.options.capture_output
+    capture = runtime.config.capture_output if capture is None else capture
+    output = _render(retval) if capture and state == "SUCCESS" else None
+    observation = active.observation
+    try:
+        observation.update(
+            output=output, level=outcome.level, status_message=outcome.status_message,
+            metadata={**outcome.metadata, "final_state": state},
+        )
+        if outcome.level == "ERROR":
+            observation._otel_span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR,
+                                                                outcome.status_message))
+    finally:
+        _detach(active.tokens)
+        observation.end()
+        runtime.flush()
+
+
+def _outcome_for_state(state: str, retval: Any) -> _Outcome:
+    if state == "IGNORED":
+        return _Outcome("DEFAULT", "ignored")
+    if state == "REJECTED":
+        return _Outcome("WARNING", f"rejected: {describe(retval)}" if retval else "rejected")
+    if state == "SUCCESS":
+        return _Outcome()
+    return _Outcome("WARNING", state.lower())
+
+
+def _detach(tokens: list[Any]) -> None:
+    for token in reversed(tokens):
+        try:
+            if hasattr(token, "__exit__"):
+                token.__exit__(None, None, None)
+            else:
+                otel_context.detach(token)
+        except Exception:
+            logger.debug("celery-langfuse: context detach failed", exc_info=True)
+
+
+def describe(exception: Any) -> str:
+    """``ExcType: message`` for an exception (Langfuse keeps no span events)."""
+    if isinstance(exception, BaseException):
+        return f"{type(exception).__name__}: {exception}".rstrip(": ")
+    return str(exception)
+
+
+def _traceback(einfo: Any, exception: BaseException | None) -> str:
+    text = str(getattr(einfo, "traceback", "") or "")
+    if not text and exception is not None:
+        text = "".join(traceback.format_exception(exception))
+    return text[-_TRACEBACK_LIMIT:]
+
+
+# -- ends seen only by the worker's main process ----------------------------------------------
+
+_LOST = ("TimeLimitExceeded", "WorkerLostError", "Terminated")
+
+
+def _failure_elsewhere(sender: Any, task_id: str, exception: BaseException | None) -> None:
+    """A failure for a task this process did not run: its child died (time limit, lost)."""
+    if type(exception).__name__ not in _LOST:
+        return
+    reason = describe(exception)
+    if type(exception).__name__ == "TimeLimitExceeded":
+        reason = f"hard time limit exceeded ({exception}): the worker killed the task"
+    _close_dead_attempt(getattr(sender, "name", "celery.task"), task_id, reason, "ERROR")
+
+
+def _close_dead_attempt(name: str, task_id: str, reason: str, level: str) -> None:
+    runtime = _runtime.current()
+    if runtime is None:
+        return
+    shipper = runtime.shipper
+    if shipper is not None and shipper.close_attempt(task_id, reason, level=level):
+        return
+    if task_id in _emitted:
+        return
+    emit_observation(name, task_id, None, _Outcome(level, reason), _StateOnly("FAILURE"))
+
+
+@dataclass
+class _StateOnly:
+    final_state: str
+
+
+_emitted: set[str] = set()
+
+
+def emit_observation(
+    name: str, task_id: str, root_id: str | None, outcome: _Outcome, state: _StateOnly,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """A complete observation for a task that never ran here (unknown, rejected, revoked)."""
+    runtime = _runtime.current()
+    if runtime is None or task_id in _emitted:
+        return
+    _emitted.add(task_id)
+    if len(_emitted) > 10_000:
+        _emitted.clear()
+    observation = runtime.client.start_observation(
+        trace_context={"trace_id": trace_id_for(root_id or task_id)}, name=name,
+        level=outcome.level, status_message=outcome.status_message,  # type: ignore[arg-type]
+        metadata={"task_id": task_id, "final_state": state.final_state, "pid": os.getpid(),
+                  **(metadata or {}), **outcome.metadata},
+    )
+    if outcome.level == "ERROR":
+        observation._otel_span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR,
+                                                            outcome.status_message))
+    observation.end()
+    runtime.flush()
+    if runtime.shipper is not None:
+        runtime.shipper.wake()
+
+
+@never_raises
+def on_task_revoked(
+    sender: Any = None, request: Any = None, terminated: bool = False, signum: Any = None,
+    expired: bool = False, **_: Any,
+) -> None:
+    task_id = getattr(request, "id", None)
+    if task_id is None:
+        return
+    name = getattr(request, "task_name", None) or getattr(request, "name", "celery.task")
+    if expired:
+        reason = "revoked: expired before it could run"
+    elif terminated:
+        reason = f"revoked: terminated by signal {signum}"
+    else:
+        reason = "revoked before it ran"
+    if terminated:
+        _close_dead_attempt(name, task_id, reason, "WARNING")
+        return
+    emit_observation(name, task_id, getattr(request, "root_id", None),
+                     _Outcome("WARNING", reason), _StateOnly("REVOKED"))
+
+
+@never_raises
+def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
+    headers = getattr(message, "headers", None) or {}
+    task_id, name = headers.get("id"), headers.get("task")
+    if not task_id:
+        return
+    reason = f"rejected: {describe(exc)}" if exc else "rejected: unknown message format"
+    emit_observation(name or "celery.unknown", task_id, headers.get("root_id"),
+                     _Outcome("WARNING", reason), _StateOnly("REJECTED"))
+
+
+@never_raises
+def on_task_unknown(
+    sender: Any = None, message: Any = None, exc: Any = None, name: str | None = None,
+    id: str | None = None, **_: Any,
+) -> None:
+    if not id:
+        return
+    headers = getattr(message, "headers", None) or {}
+    reason = (f"unknown task {name!r}: not registered in this worker "
+              "(check the task name and the worker's imports)")
+    emit_observation(name or "celery.unknown", id, headers.get("root_id"),
+                     _Outcome("ERROR", reason), _StateOnly("FAILURE"))
