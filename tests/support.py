@@ -157,3 +157,13 @@ class WorkerProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(30)
+
+
+def spooled_span_count(spool_dir: Path) -> int:
+    """How many span records the spool's segments hold (shipped or not)."""
+    from tracing._spool import KIND_SPAN, list_segments, scan_file
+
+    return sum(
+        sum(1 for record in scan_file(path).records if record.kind == KIND_SPAN)
+        for path, _ in list_segments(spool_dir)
+    )

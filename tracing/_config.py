@@ -57,6 +57,7 @@ class Config:
     spool_max_bytes: int = 1024**3
     shutdown_timeout: float = 5.0
     flush_interval: float = 1.0
+    auth_retry_interval: float = 30.0
     capture_input: bool = True
     capture_output: bool = True
     max_payload_bytes: int = 32 * 1024
@@ -116,6 +117,8 @@ def load_config(
         flush_interval=_required(
             reader.number("flush_interval", PREFIX + "FLUSH_INTERVAL", 1.0, low=0.01, high=60.0)
         ),
+        auth_retry_interval=_required(reader.number(
+            "auth_retry_interval", PREFIX + "AUTH_RETRY_INTERVAL", 30.0, low=0.1)),
         capture_input=reader.flag("capture_input", True),
         capture_output=reader.flag("capture_output", True),
         max_payload_bytes=reader.size("max_payload_bytes", 32 * 1024, low=256),

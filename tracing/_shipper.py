@@ -186,7 +186,6 @@ class Shipper:
         batch_max_spans: int = 1000,
         batch_max_bytes: int = 3 * 1024 * 1024,
         orphan_grace: float = 5.0,
-        auth_retry_interval: float = 30.0,
     ) -> None:
         self.config = config
         self.spool_dir = config.spool_dir
@@ -198,7 +197,7 @@ class Shipper:
         self.batch_max_spans = batch_max_spans
         self.batch_max_bytes = batch_max_bytes
         self.orphan_grace = orphan_grace
-        self.auth_retry_interval = auth_retry_interval
+        self.auth_retry_interval = config.auth_retry_interval
         self._lock = ShipperLock(self.spool_dir)
         self._has_lock = False
         self._cursors: dict[Path, int] = {}

@@ -253,8 +253,27 @@ def on_task_postrun(
     sender: Any = None, task_id: str | None = None, retval: Any = None, state: str | None = None,
     **_: Any,
 ) -> None:
-    if task_id is not None:
-        _finish(task_id, state or "SUCCESS", retval)
+    if task_id is None:
+        return
+    if state is None:
+        _interrupted(task_id)
+    else:
+        _finish(task_id, state, retval)
+
+
+def _interrupted(task_id: str) -> None:
+    """The body was cut short by SystemExit/SIGTERM (e.g. a hard time limit's first signal).
+
+    The attempt is left open on purpose: the process is going away, and the main process
+    (with Celery's reason) or the shipper closes it under the same ids. Ending it here too
+    would send the same observation twice.
+    """
+    active = _active.pop(task_id, None)
+    runtime = _runtime.current()
+    if active is not None:
+        _detach(active.tokens)
+    if runtime is not None:
+        runtime.flush()
 
 
 def _finish(task_id: str, state: str, retval: Any) -> None:
