@@ -7,6 +7,7 @@ and killed at clean-up whatever state it is in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -152,10 +153,8 @@ class WorkerProcess:
 
     def kill_group(self) -> None:
         """SIGKILL the worker and every process in its group (its pool children)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(30)
 
 

@@ -7,9 +7,8 @@ asserts that every generation and every task observation arrived exactly once, b
 
 from __future__ import annotations
 
-import signal
+import itertools
 import time
-from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -75,7 +74,7 @@ def test_hard_time_limit_closes_the_attempt_under_its_own_ids(start_worker, work
     app = producer(worker_env)
     results = [app.send_task("t.hard", args=[i], queue=worker_env["TEST_QUEUE"]) for i in range(2)]
     for result in results:
-        with pytest.raises(Exception, match="TimeLimitExceeded|time limit"):
+        with pytest.raises(Exception, match=r"TimeLimitExceeded|time limit"):
             result.get(timeout=60)
     observations = receiver.wait_for(
         lambda obs: len([o for o in obs if o.name == "t.hard"]) >= 2
@@ -161,7 +160,7 @@ def test_429_storm_honours_retry_after(start_worker, worker_env, receiver):
     ids = run_generations(worker_env, 10)
     assert_all_once(receiver, ids, timeout=60)
     posts = [r for r in receiver.requests if r.path.endswith("/traces")]
-    for before, after in zip(posts, posts[1:]):
+    for before, after in itertools.pairwise(posts):
         if before.status == 429:
             assert after.at - before.at >= 1.5
     worker.stop()

@@ -44,7 +44,8 @@ def _safe(value: Any, redact: re.Pattern[str], depth: int) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else str(value)
+        finite = value == value and value not in (float("inf"), float("-inf"))
+        return value if finite else str(value)
     if depth >= _MAX_DEPTH:
         return f"<{type(value).__name__}: nested too deep>"
     scalar = _scalar(value)

@@ -178,7 +178,9 @@ def _parse_attributes(raw: Any) -> TraceAttributes:
         return TraceAttributes()
     try:
         data = json.loads(raw) if isinstance(raw, str) else raw
-        return TraceAttributes.from_mapping(data) if isinstance(data, Mapping) else TraceAttributes()
+        if isinstance(data, Mapping):
+            return TraceAttributes.from_mapping(data)
+        return TraceAttributes()
     except ValueError:
         logger.warning("celery-langfuse: ignoring unreadable %s header %r", ATTRIBUTES_HEADER, raw)
         return TraceAttributes()

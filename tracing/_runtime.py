@@ -71,7 +71,15 @@ def start(config: Config, *, ship: bool = True) -> Runtime:
     shipper = Shipper(config, exporter) if ship else None
     runtime = Runtime(config, exporter, client, processor, shipper, os.getpid())
     ref = weakref.WeakMethod(runtime._forget_shipper_in_child)
-    os.register_at_fork(after_in_child=lambda: (m := ref()) and m())  # type: ignore[func-returns-value]
+
+    def after_fork_in_child() -> None:
+        # A weak reference, so the at-fork registry (which can never be cleared) does not keep
+        # an old runtime alive; the same pattern as OpenTelemetry's BatchProcessor.
+        method = ref()
+        if method is not None:
+            method()
+
+    os.register_at_fork(after_in_child=after_fork_in_child)
     if shipper is not None:
         shipper.start()
     _runtime = runtime

@@ -54,11 +54,14 @@ from tracing._attempts import AttemptIndex, OpenAttempt, closing_span
 from tracing._config import Config
 from tracing._exporter import SpoolExporter, span_frame
 from tracing._spool import (
+    KIND_SEAL,
     KIND_SPAN,
     SegmentId,
     ShipperLock,
+    encode_frame,
     list_segments,
     read_cursor,
+    remove_segment,
     scan_file,
     write_cursor,
     write_dead_letter,
@@ -123,6 +126,16 @@ class HttpTransport:
 
     def close(self) -> None:
         self._client.close()
+
+
+_SEAL = encode_frame(KIND_SEAL, b"")
+
+
+def _is_sealed(path: Path) -> bool:
+    """A segment whose writer appended the seal frame: it will never grow again."""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - len(_SEAL)))
+        return handle.read() == _SEAL
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -530,22 +543,17 @@ class Shipper:
         )
 
     def _delete_finished(self) -> None:
-        """Remove segments that are fully done and whose writer will never append again."""
-        segments = list_segments(self.spool_dir)
-        latest: dict[tuple[int, int], int] = {}
-        for _, seg in segments:
-            key = (seg.pid, seg.starttime)
-            latest[key] = max(latest.get(key, -1), seg.seq)
+        """Remove segments that are fully done and will never be appended to again."""
         keep = self.index.segments_with_open_attempts()
-        for path, seg in segments:
-            rotated = seg.seq < latest[(seg.pid, seg.starttime)]
-            if path in keep or not (rotated or not writer_alive(seg)):
+        for path, segment in list_segments(self.spool_dir):
+            if path in keep or not self.index.has_read(path):
                 continue
             try:
-                if path.stat().st_size > self._cursor(path) or not self.index.has_read(path):
+                if path.stat().st_size > self._cursor(path):
                     continue
-                path.unlink()
-                Path(f"{path}.cursor").unlink(missing_ok=True)
+                if not (_is_sealed(path) or not writer_alive(segment)):
+                    continue
+                remove_segment(path)
             except FileNotFoundError:
                 pass
             self._cursors.pop(path, None)

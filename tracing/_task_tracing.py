@@ -128,7 +128,7 @@ def on_task_prerun(
 def _start_observation(
     client: Langfuse, task: Any, carrier: dict[str, str], request: Any, **fields: Any
 ) -> Any:
-    as_type = options_for(task).as_type
+    as_type: Any = options_for(task).as_type  # validated by task_options
     if "traceparent" in carrier:
         token = otel_context.attach(_propagator.extract(carrier))
         try:
@@ -381,9 +381,10 @@ def emit_observation(
     _emitted.add(task_id)
     if len(_emitted) > 10_000:
         _emitted.clear()
+    level: Any = outcome.level
     observation = runtime.client.start_observation(
         trace_context={"trace_id": trace_id_for(root_id or task_id)}, name=name,
-        level=outcome.level, status_message=outcome.status_message,  # type: ignore[arg-type]
+        level=level, status_message=outcome.status_message,
         metadata={"task_id": task_id, "final_state": state.final_state, "pid": os.getpid(),
                   **(metadata or {}), **outcome.metadata},
     )
@@ -401,10 +402,10 @@ def on_task_revoked(
     sender: Any = None, request: Any = None, terminated: bool = False, signum: Any = None,
     expired: bool = False, **_: Any,
 ) -> None:
-    task_id = getattr(request, "id", None)
+    task_id: str | None = getattr(request, "id", None)
     if task_id is None:
         return
-    name = getattr(request, "task_name", None) or getattr(request, "name", "celery.task")
+    name = str(getattr(request, "task_name", None) or getattr(request, "name", "celery.task"))
     if expired:
         reason = "revoked: expired before it could run"
     elif terminated:
