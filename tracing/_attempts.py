@@ -186,7 +186,7 @@ class AttemptIndex:
         """True once every whole record of ``path`` has been read into the index."""
         with self._lock:
             try:
-                return self._read_to.get(path, 0) >= path.stat().st_size
+                return not scan_file(path, self._read_to.get(path, 0)).records
             except FileNotFoundError:
                 return True
 

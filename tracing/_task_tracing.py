@@ -90,6 +90,7 @@ class _Active:
 
 
 _active: dict[str, _Active] = {}
+_cut_short: dict[str, _Active] = {}  # bodies interrupted before a final state (see _interrupted)
 
 
 # -- task start -------------------------------------------------------------------------------
@@ -238,13 +239,17 @@ def on_task_internal_error(
     sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
     einfo: Any = None, **_: Any,
 ) -> None:
+    if task_id is None:
+        return
     outcome = _Outcome("ERROR", f"internal error: {describe(exception)}",
                        {"traceback": _traceback(einfo, exception)})
-    active = _active.get(task_id or "")
-    if active is not None and task_id is not None:
+    # Celery signals an internal error after task_postrun, which saw no final state and
+    # left the attempt cut short: end it here, in the process that opened it.
+    active = _cut_short.pop(task_id, None) or _active.pop(task_id, None)
+    if active is not None:
         active.outcome = outcome
-        _finish(task_id, "FAILURE", None)
-    elif task_id is not None and sender is not None:
+        _end(active, "FAILURE", None)
+    elif sender is not None:
         emit_observation(sender.name, task_id, None, outcome, _StateOnly("FAILURE"))
 
 
@@ -262,24 +267,32 @@ def on_task_postrun(
 
 
 def _interrupted(task_id: str) -> None:
-    """The body was cut short by SystemExit/SIGTERM (e.g. a hard time limit's first signal).
+    """The body was cut short: SystemExit/SIGTERM (a hard time limit's first signal) or an
+    error inside Celery around the body (``task_internal_error`` follows).
 
-    The attempt is left open on purpose: the process is going away, and the main process
-    (with Celery's reason) or the shipper closes it under the same ids. Ending it here too
-    would send the same observation twice.
+    The attempt is not ended here. If the process is going away, the main process (with
+    Celery's reason) or the shipper closes it under the same ids; ending it here too would
+    send the same observation twice. An internal error ends it in ``on_task_internal_error``.
     """
     active = _active.pop(task_id, None)
     runtime = _runtime.current()
     if active is not None:
         _detach(active.tokens)
+        active.tokens = []
+        _cut_short[task_id] = active
     if runtime is not None:
         runtime.flush()
 
 
 def _finish(task_id: str, state: str, retval: Any) -> None:
     active = _active.pop(task_id, None)
+    if active is not None:
+        _end(active, state, retval)
+
+
+def _end(active: _Active, state: str, retval: Any) -> None:
     runtime = _runtime.current()
-    if active is None or runtime is None:
+    if runtime is None:
         return
     outcome = active.outcome or _outcome_for_state(state, retval)
     capture = active.options.capture_output

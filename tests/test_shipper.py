@@ -1,0 +1,186 @@
+"""The shipper against the loopback receiver: poison spans, corruption, the disk cap.
+
+Spans are made by the real Langfuse SDK and written by the real spool exporter; the shipper
+sends them over real HTTP. These rows need no worker, so they run in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from langfuse import Langfuse
+from langfuse._client.resource_manager import LangfuseResourceManager
+from opentelemetry.sdk.trace import TracerProvider
+
+from tracing import load_config
+from tracing._exporter import SpoolExporter
+from tracing._shipper import Shipper
+from tracing._spool import (
+    KIND_SPAN,
+    SegmentWriter,
+    list_segments,
+    read_dead_letters,
+    scan_file,
+    segment_name,
+)
+from tracing.testing import LangfuseReceiver
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def make_spans(receiver: LangfuseReceiver, spool: Path) -> Iterator[object]:
+    """Write ``n`` real SDK spans (named ``span-<i>``) into the spool; returns their ids."""
+    key = f"pk-lf-{uuid.uuid4().hex[:8]}"
+    exporter = SpoolExporter(SegmentWriter(spool))
+    client = Langfuse(public_key=key, secret_key="sk", base_url=receiver.base_url,
+                      span_exporter=exporter, tracer_provider=TracerProvider(), flush_at=2000)
+
+    def make(n: int, payload_bytes: int = 0) -> list[str]:
+        ids = []
+        for i in range(n):
+            # random, so gzip cannot shrink it below the size being tested
+            payload = os.urandom(payload_bytes // 2).hex() if payload_bytes else None
+            obs = client.start_observation(name=f"span-{i}", input=payload)
+            obs.end()
+            ids.append(obs.id)
+        client.flush()
+        return ids
+
+    yield make
+    client.shutdown()
+    LangfuseResourceManager._instances.pop(key, None)
+
+
+def shipper_for(receiver: LangfuseReceiver, spool: Path, **options: object) -> Shipper:
+    config = load_config(
+        environ={}, public_key=receiver.public_key, secret_key=receiver.secret_key,
+        base_url=receiver.base_url, spool_dir=str(spool), **options,
+    )
+    return Shipper(config, SpoolExporter(SegmentWriter(spool)))
+
+
+def as_dead_writer(spool: Path) -> list[Path]:
+    """Rename this process's segments as if a process that no longer exists wrote them."""
+    renamed = []
+    for path, segment in list_segments(spool):
+        target = path.with_name(segment_name(segment.pid, 1, segment.seq))
+        path.rename(target)
+        renamed.append(target)
+    return renamed
+
+
+def test_each_span_is_sent_once_and_never_again(receiver, spool, make_spans):
+    """After a 2xx the records are done: a second drain sends nothing."""
+    ids = make_spans(30)
+    shipper_for(receiver, spool).drain(10)
+    shipper_for(receiver, spool).drain(2)
+    assert sorted(o.id for o in receiver.observations) == sorted(ids)
+    assert receiver.duplicates() == {}
+    assert len(receiver.trace_requests) == 1
+
+
+def test_one_poison_span_in_a_batch_of_100(receiver, spool, make_spans):
+    """Langfuse's 400 for one bad span: 99 delivered, the poison one dead-lettered."""
+    ids = make_spans(100)
+    receiver.set_poison(lambda span: span["name"] == "span-42")
+    stats = shipper_for(receiver, spool).drain(20)
+    delivered = {o.id for o in receiver.observations}
+    assert len(delivered) == 99 and ids[42] not in delivered
+    assert stats.dead_lettered == 1
+    [letter] = read_dead_letters(spool)
+    assert "HTTP 400" in letter.reason and letter.payloads[0][:8].hex() == ids[42]
+    assert receiver.duplicates() == {}
+    assert len(receiver.trace_requests) <= 2 * 7 + 1  # halving: O(log n) requests
+
+
+def test_oversized_request_is_split(receiver, spool, make_spans):
+    """A batch over the receiver's size limit (413) is split until each part fits."""
+    receiver.stop()
+    small = LangfuseReceiver(public_key=receiver.public_key, secret_key=receiver.secret_key,
+                             max_request_bytes=40_000)
+    with small:
+        ids = make_spans(40, payload_bytes=3000)
+        shipper_for(small, spool).drain(20)
+        assert sorted(o.id for o in small.observations) == sorted(ids)
+        assert any(r.status == 413 for r in small.trace_requests)
+        assert small.duplicates() == {}
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11, 12, 200])
+def test_truncated_segment_ships_its_whole_records(receiver, spool, make_spans, cut, caplog):
+    """A segment cut mid-record (writer killed) ships every whole record and skips the tail."""
+    make_spans(20)
+    [segment] = as_dead_writer(spool)
+    records = scan_file(segment).records
+    size = segment.stat().st_size
+    os.truncate(segment, size - cut)
+    whole = [r for r in records if r.end <= size - cut]
+    with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
+        stats = shipper_for(receiver, spool).drain(10)
+    assert sorted(o.id for o in receiver.observations) == sorted(
+        r.payload[:8].hex() for r in whole)
+    assert stats.torn_tails == 1 and "did not finish" in caplog.text
+    assert list_segments(spool) == []  # done and its writer is dead: removed
+
+
+def test_bit_flip_in_a_middle_record(receiver, spool, make_spans, caplog):
+    """A record with a bad checksum is set aside and counted; the others are shipped."""
+    ids = make_spans(20)
+    [segment] = as_dead_writer(spool)
+    victim = scan_file(segment).records[10]
+    data = bytearray(segment.read_bytes())
+    data[victim.offset + 30] ^= 0x10
+    segment.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
+        stats = shipper_for(receiver, spool).drain(10)
+    delivered = sorted(o.id for o in receiver.observations)
+    assert delivered == sorted(i for i in ids if i != victim.payload[:8].hex())
+    assert stats.corrupt_records == 1 and "corrupt bytes" in caplog.text
+    assert any("corrupt" in letter.reason for letter in read_dead_letters(spool))
+
+
+def test_spool_cap_drops_the_oldest_and_says_so(receiver, spool, make_spans, caplog):
+    """Past the size cap the oldest records are dropped, counted and logged."""
+    ids = make_spans(200, payload_bytes=1000)
+    with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
+        stats = shipper_for(receiver, spool, spool_max_bytes=64 * 1024).drain(20)
+    delivered = [o.id for o in receiver.observations]
+    assert stats.dropped_at_cap > 0
+    assert len(delivered) + stats.dropped_at_cap == 200
+    assert set(delivered) == set(ids[-len(delivered):]), "the newest are kept"
+    assert "CELERY_LANGFUSE_SPOOL_MAX_BYTES" in caplog.text
+
+
+def test_drain_is_bounded_when_langfuse_is_down(receiver, spool, make_spans):
+    """With Langfuse unreachable a drain gives up at its timeout and keeps every record."""
+    make_spans(10)
+    receiver.down()
+    started = time.monotonic()
+    stats = shipper_for(receiver, spool).drain(1.0)
+    assert time.monotonic() - started < 3
+    assert stats.shipped_spans == 0
+    kept = sum(1 for path, _ in list_segments(spool)
+               for r in scan_file(path).records if r.kind == KIND_SPAN)
+    assert kept == 10
+
+
+def test_second_shipper_is_kept_out_by_the_lock(receiver, spool, make_spans):
+    """While one shipper holds a spool, another cannot drain it."""
+    make_spans(1)
+    first = shipper_for(receiver, spool)
+    assert first._acquire()
+    with pytest.raises(RuntimeError, match="another shipper"):
+        shipper_for(receiver, spool).drain(1)
+    first._release()
+    shutil.rmtree(spool / "dead-letter", ignore_errors=True)

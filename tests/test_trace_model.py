@@ -1,0 +1,249 @@
+"""The trace model, end to end: one real prefork worker, the real SDK, the loopback receiver.
+
+One worker serves the whole module (starting one per test would dominate the run time);
+each test sends its own tasks and waits for their observations by task id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, chain
+from langfuse import Langfuse
+from opentelemetry.sdk.trace import TracerProvider
+
+import tracing
+from tests.support import RedisServer, WorkerProcess
+from tracing.testing import LangfuseReceiver, Observation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def module_receiver() -> Iterator[LangfuseReceiver]:
+    key = uuid.uuid4().hex[:8]
+    with LangfuseReceiver(public_key=f"pk-lf-{key}", secret_key=f"sk-lf-{key}") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def env(redis_server: RedisServer, module_receiver: LangfuseReceiver,
+        tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return {
+        "CELERY_BROKER_URL": f"{redis_server.url}/15",
+        "CELERY_RESULT_BACKEND": f"{redis_server.url}/15",
+        "TEST_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
+        "LANGFUSE_PUBLIC_KEY": module_receiver.public_key,
+        "LANGFUSE_SECRET_KEY": module_receiver.secret_key,
+        "LANGFUSE_BASE_URL": module_receiver.base_url,
+        "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
+        "CELERY_LANGFUSE_MAX_PAYLOAD_BYTES": "2048",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="module")
+def worker(env: dict[str, str]) -> Iterator[WorkerProcess]:
+    process = WorkerProcess("tests.apps.traced_app", env, queue=env["TEST_QUEUE"])
+    try:
+        yield process.wait_ready()
+    finally:
+        process.kill_group()
+
+
+@pytest.fixture(scope="module")
+def app(env: dict[str, str], worker: WorkerProcess) -> Celery:
+    producer = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
+    producer.conf.task_default_queue = env["TEST_QUEUE"]
+    return producer
+
+
+def task_observations(receiver: LangfuseReceiver, task_id: str, n: int = 1,
+                      timeout: float = 30) -> list[Observation]:
+    """Wait for ``n`` observations of task ``task_id`` and return them by start time."""
+    def mine(obs: list[Observation]) -> list[Observation]:
+        return [o for o in obs if o.metadata.get("task_id") == task_id]
+
+    receiver.wait_for(lambda obs: len(mine(obs)) >= n, timeout=timeout,
+                      what=f"{n} observation(s) of task {task_id}")
+    return sorted(mine(receiver.observations), key=lambda o: o.start_time or datetime.min)
+
+
+def run(app: Celery, name: str, *args: Any, **kwargs: Any) -> str:
+    result = app.send_task(name, args=args, kwargs=kwargs)
+    try:
+        result.get(timeout=30, propagate=False)
+    except Exception:
+        pass
+    return result.id
+
+
+def test_success_has_input_output_and_celery_metadata(app, module_receiver):
+    """A successful task is one span observation with its input, output and Celery facts."""
+    task_id = run(app, "t.add", 2, 3)
+    [obs] = task_observations(module_receiver, task_id)
+    assert obs.name == "t.add" and obs.type == "span" and obs.level == "DEFAULT"
+    assert obs.input == {"args": [2, 3], "kwargs": {}}
+    assert obs.output == 5
+    assert obs.trace_id == tracing.trace_id_for(task_id)
+    for key in ("task_name", "attempt", "queue", "routing_key", "hostname", "pid", "root_id"):
+        assert key in obs.metadata, key
+    assert obs.metadata["final_state"] == "SUCCESS"
+
+
+def test_failure_is_error_with_type_message_and_traceback(app, module_receiver):
+    """A failing task's observation is ERROR with `ExcType: message` and the traceback."""
+    task_id = run(app, "t.fail", "kaput")
+    [obs] = task_observations(module_receiver, task_id)
+    assert obs.level == "ERROR"
+    assert obs.status_message == "ValueError: kaput"
+    assert "Traceback" in obs.metadata["traceback"]
+    assert obs.metadata["final_state"] == "FAILURE"
+
+
+def test_expected_exception_in_throws_is_a_warning(app, module_receiver):
+    """An exception listed in `task.throws` is a WARNING, not an ERROR."""
+    [obs] = task_observations(module_receiver, run(app, "t.expected"))
+    assert obs.level == "WARNING"
+    assert obs.status_message == "KeyError: 'missing'"
+
+
+def test_retry_is_one_observation_per_attempt_in_one_trace(app, module_receiver):
+    """Each attempt of a retried task is its own observation in the same trace."""
+    task_id = run(app, "t.retry")
+    first, second = task_observations(module_receiver, task_id, n=2)
+    assert first.trace_id == second.trace_id == tracing.trace_id_for(task_id)
+    assert first.id != second.id
+    assert first.level == "WARNING" and "retry" in (first.status_message or "")
+    assert "flaky" in (first.status_message or "")
+    assert (first.metadata["attempt"], second.metadata["attempt"]) == (1, 2)
+    assert second.level == "DEFAULT" and second.output == "ok"
+
+
+def test_ignored_task(app, module_receiver):
+    """A task that raises Ignore ends as `ignored`."""
+    [obs] = task_observations(module_receiver, run(app, "t.ignore"))
+    assert obs.level == "DEFAULT" and obs.status_message == "ignored"
+    assert obs.metadata["final_state"] == "IGNORED"
+
+
+def test_rejected_task(app, module_receiver):
+    """A task that raises Reject is a WARNING naming the reason."""
+    [obs] = task_observations(module_receiver, run(app, "t.reject"))
+    assert obs.level == "WARNING" and "rejected" in (obs.status_message or "")
+    assert obs.metadata["final_state"] == "REJECTED"
+
+
+def test_soft_time_limit_is_error(app, module_receiver):
+    """A soft time limit is an ERROR naming SoftTimeLimitExceeded."""
+    [obs] = task_observations(module_receiver, run(app, "t.soft"))
+    assert obs.level == "ERROR" and "SoftTimeLimitExceeded" in (obs.status_message or "")
+
+
+def test_unknown_task_is_recorded_by_the_main_process(app, module_receiver):
+    """A message for a task the worker does not know becomes an ERROR observation."""
+    result = app.send_task("t.does_not_exist", args=[1])
+    [obs] = task_observations(module_receiver, result.id)
+    assert obs.level == "ERROR" and "unknown task" in (obs.status_message or "")
+    assert obs.name == "t.does_not_exist"
+
+
+def test_expired_task_is_revoked(app, module_receiver):
+    """A task that expired before it ran is a REVOKED WARNING."""
+    expired = datetime.now(timezone.utc) - timedelta(minutes=1)
+    result = app.send_task("t.add", args=[1, 1], expires=expired)
+    [obs] = task_observations(module_receiver, result.id)
+    assert obs.level == "WARNING" and "expired" in (obs.status_message or "")
+    assert obs.metadata["final_state"] == "REVOKED"
+
+
+def test_chain_of_three_is_one_trace_with_parents(app, module_receiver):
+    """A chain of three tasks lands in one trace, each step the child of the one before."""
+    workflow = chain(
+        app.signature("t.chain_step", args=["start", 1]),
+        app.signature("t.chain_step", args=[2]),
+        app.signature("t.chain_step", args=[3]),
+    )
+    result = workflow.apply_async()
+    result.get(timeout=30)
+    root_id = result.parent.parent.id
+    observations = module_receiver.wait_for(
+        lambda obs: len([o for o in obs if o.trace_id == tracing.trace_id_for(root_id)
+                         and o.name == "t.chain_step"]) >= 3,
+        timeout=30, what="three chain steps in one trace")
+    steps = sorted((o for o in observations if o.trace_id == tracing.trace_id_for(root_id)
+                    and o.name == "t.chain_step"), key=lambda o: o.start_time)
+    assert steps[1].parent_observation_id == steps[0].id
+    assert steps[2].parent_observation_id == steps[1].id
+    generations = [o for o in observations if o.name.startswith("step-")]
+    assert {g.parent_observation_id for g in generations} == {s.id for s in steps}
+
+
+def test_task_sent_inside_an_observation_is_its_child(app, module_receiver):
+    """A producer inside a Langfuse observation gets the task as that observation's child."""
+    key = module_receiver.public_key
+    client = Langfuse(public_key=key, secret_key=module_receiver.secret_key,
+                      base_url=module_receiver.base_url, tracer_provider=TracerProvider())
+    with client.start_as_current_observation(name="web-request") as parent:
+        with tracing.trace_attributes(user_id="u-42", session_id="s-7", tags=["beta"]):
+            result = app.send_task("t.add", args=[1, 2])
+    client.flush()
+    result.get(timeout=30)
+    [obs] = task_observations(module_receiver, result.id)
+    assert obs.trace_id == parent.trace_id
+    assert obs.parent_observation_id == parent.id
+    assert obs.user_id == "u-42" and obs.session_id == "s-7" and "beta" in obs.tags
+
+
+def test_observe_inside_a_task_nests_under_it(app, module_receiver):
+    """An @observe function called by a task is the task observation's child."""
+    task_id = run(app, "t.observed", 21)
+    [task] = task_observations(module_receiver, task_id)
+    def steps(obs: list[Observation]) -> list[Observation]:
+        return [o for o in obs if o.name == "helper-step" and o.trace_id == task.trace_id]
+
+    [step] = steps(module_receiver.wait_for(steps, timeout=30, what="the @observe span"))
+    assert step.parent_observation_id == task.id
+
+
+def test_secrets_are_redacted_and_payloads_capped(app, module_receiver):
+    """Values under secret-looking keys are redacted; over-long payloads are capped."""
+    task_id = run(app, "t.secret", api_key="sk-very-secret", payload="x" * 10_000)
+    [obs] = task_observations(module_receiver, task_id)
+    assert "sk-very-secret" not in str(obs.input) + str(obs.output)
+    assert obs.input["truncated"] is True and obs.input["original_bytes"] > 10_000
+    assert obs.output["truncated"] is True
+
+
+def test_tracing_failure_never_breaks_a_task(app, module_receiver, worker):
+    """Even when the tracing layer fails inside a handler, the task succeeds."""
+    result = app.send_task("t.add", args=[20, 22], headers={"celery_langfuse": "{not json"})
+    assert result.get(timeout=30) == 42
+
+
+def test_client_created_before_instrument_still_goes_through_the_spool(
+    env, module_receiver, tmp_path: Path
+):
+    """A Langfuse client made at import time, before instrument(), still spools its spans."""
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    process = WorkerProcess("tests.apps.traced_app",
+                            {**env, "TEST_CLIENT_BEFORE_INSTRUMENT": "1", "TEST_QUEUE": queue,
+                             "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path / "spool")},
+                            queue=queue, concurrency=1)
+    try:
+        process.wait_ready()
+        producer = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
+        result = producer.send_task("t.generate", args=[1], queue=queue)
+        result.get(timeout=30)
+        [obs] = task_observations(module_receiver, result.id)
+        requests = [r for r in module_receiver.requests if obs.id in r.span_ids]
+        assert requests and all(r.headers.get("user-agent") == "celery-langfuse"
+                                for r in requests)
+        assert process.stop() == 0
+    finally:
+        process.kill_group()
