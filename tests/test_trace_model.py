@@ -6,6 +6,7 @@ each test sends its own tasks and waits for their observations by task id.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -76,10 +77,8 @@ def task_observations(receiver: LangfuseReceiver, task_id: str, n: int = 1,
 
 def run(app: Celery, name: str, *args: Any, **kwargs: Any) -> str:
     result = app.send_task(name, args=args, kwargs=kwargs)
-    try:
+    with contextlib.suppress(Exception):
         result.get(timeout=30, propagate=False)
-    except Exception:
-        pass
     return result.id
 
 
@@ -189,9 +188,11 @@ def test_task_sent_inside_an_observation_is_its_child(app, module_receiver):
     key = module_receiver.public_key
     client = Langfuse(public_key=key, secret_key=module_receiver.secret_key,
                       base_url=module_receiver.base_url, tracer_provider=TracerProvider())
-    with client.start_as_current_observation(name="web-request") as parent:
-        with tracing.trace_attributes(user_id="u-42", session_id="s-7", tags=["beta"]):
-            result = app.send_task("t.add", args=[1, 2])
+    with (
+        client.start_as_current_observation(name="web-request") as parent,
+        tracing.trace_attributes(user_id="u-42", session_id="s-7", tags=["beta"]),
+    ):
+        result = app.send_task("t.add", args=[1, 2])
     client.flush()
     result.get(timeout=30)
     [obs] = task_observations(module_receiver, result.id)
