@@ -44,6 +44,8 @@ def instrument(app: Celery, **options: Any) -> Config:
     ``ConfigError``. Idempotent. Returns the configuration in force.
     """
     global _config
+    from tracing import _remote  # noqa: F401  (registers the remote control commands)
+
     config = load_config(**options)
     _config = config
     _apps[id(app)] = app

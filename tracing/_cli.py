@@ -1,0 +1,233 @@
+"""The operator's command line: ``celery-langfuse`` / ``python -m tracing``.
+
+``status``       the configuration in force (secrets masked), the spool, the last shipping result
+``drain``        ship the spool now, bounded by ``--timeout``, with a progress bar
+``dead-letter``  ``list`` / ``replay`` / ``purge`` the records Langfuse rejected
+``check``        verify the Langfuse host and keys: health, then an authenticated call
+
+Every command reads the same configuration as the worker (``LANGFUSE_*``,
+``CELERY_LANGFUSE_*``); ``--spool-dir`` overrides the spool. Exit status: 0 when all is well,
+1 when the command worked but found a problem (records left, check failed), 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from tracing._config import Config, ConfigError, load_config
+from tracing._exporter import SpoolExporter
+from tracing._shipper import STATUS_FILE, Shipper
+from tracing._spool import (
+    KIND_OPEN,
+    KIND_SPAN,
+    SegmentWriter,
+    encode_frame,
+    list_segments,
+    read_cursor,
+    read_dead_letters,
+    scan_file,
+)
+
+
+def _config(spool_dir: str | None) -> Config:
+    try:
+        return load_config(spool_dir=spool_dir) if spool_dir else load_config()
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+spool_option = click.option(
+    "--spool-dir", help="Spool directory (default: CELERY_LANGFUSE_SPOOL_DIR)."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Operate celery-langfuse: inspect and ship a trace spool, check Langfuse."""
+
+
+@main.command()
+@spool_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def status(spool_dir: str | None, as_json: bool) -> None:
+    """Show the configuration, the spool and the last shipping result."""
+    config = _config(spool_dir)
+    sections: dict[str, dict[str, Any]] = {
+        "configuration": config.masked(),
+        "spool": spool_report(config.spool_dir),
+        "last shipping": _last_ship(config.spool_dir) or {"state": "never shipped from here"},
+    }
+    if as_json:
+        click.echo(json.dumps(sections, indent=2, default=str))
+        return
+    for title, values in sections.items():
+        click.echo(f"{title}:")
+        for key, value in values.items():
+            click.echo(f"  {key:<24} {value}")
+
+
+def spool_report(spool_dir: Path) -> dict[str, Any]:
+    """Unshipped records and bytes, the oldest unshipped record's age, dead letters."""
+    segments = list_segments(spool_dir) if spool_dir.is_dir() else []
+    spans = opened = pending_bytes = 0
+    oldest: float | None = None
+    for path, _ in segments:
+        cursor = read_cursor(path)
+        result = scan_file(path, cursor)
+        if result.records:
+            oldest = min(oldest or time.time(), path.stat().st_mtime)
+        spans += sum(1 for r in result.records if r.kind == KIND_SPAN)
+        opened += sum(1 for r in result.records if r.kind == KIND_OPEN)
+        pending_bytes += max(0, path.stat().st_size - cursor)
+    letters = read_dead_letters(spool_dir) if spool_dir.is_dir() else []
+    return {
+        "directory": str(spool_dir),
+        "segments": len(segments),
+        "unshipped_spans": spans,
+        "unshipped_bytes": pending_bytes,
+        "oldest_unshipped_age_s": round(time.time() - oldest, 1) if oldest else 0,
+        "dead_letter_files": len(letters),
+        "dead_letter_records": sum(len(letter.records) for letter in letters),
+    }
+
+
+def _last_ship(spool_dir: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads((spool_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    data["updated"] = f"{time.time() - data.pop('updated_at', time.time()):.0f}s ago"
+    return data
+
+
+@main.command()
+@spool_option
+@click.option("--timeout", default=60.0, show_default=True, help="Give up after this many seconds.")
+def drain(spool_dir: str | None, timeout: float) -> None:
+    """Ship the spool to Langfuse now; what cannot be shipped stays on disk."""
+    config = _require_keys(_config(spool_dir))
+    shipper = Shipper(config, SpoolExporter(SegmentWriter(config.spool_dir)), orphan_grace=0)
+    total = max(1, shipper.pending_bytes())
+    deadline = time.monotonic() + timeout
+    try:
+        with click.progressbar(length=total, label="shipping", show_eta=False) as bar:
+            while time.monotonic() < deadline and shipper.pending_bytes():
+                before = shipper.pending_bytes()
+                shipper.drain(min(1.0, deadline - time.monotonic()))
+                bar.update(max(0, before - shipper.pending_bytes()))
+    except RuntimeError as exc:  # another shipper (a running worker) holds the spool
+        raise click.ClickException(f"{exc}; that worker ships it already") from None
+    stats = shipper.stats
+    left = shipper.pending_bytes()
+    click.echo(
+        f"shipped {stats.shipped_spans} span(s) in {stats.requests} request(s); "
+        f"dead-lettered {stats.dead_lettered}; dropped at cap {stats.dropped_at_cap}; "
+        f"corrupt {stats.corrupt_records}; {left} byte(s) left"
+        + (f"; last error: {stats.last_error}" if stats.last_error else "")
+    )
+    if stats.paused:
+        click.echo(stats.paused, err=True)
+    raise SystemExit(1 if left else 0)
+
+
+def _require_keys(config: Config) -> Config:
+    if not config.has_keys:
+        raise click.UsageError("set LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY (and "
+                               "LANGFUSE_BASE_URL) to reach Langfuse")
+    return config
+
+
+@main.group("dead-letter")
+def dead_letter() -> None:
+    """Records Langfuse rejected (400) or the spool found corrupt."""
+
+
+@dead_letter.command("list")
+@spool_option
+def dead_letter_list(spool_dir: str | None) -> None:
+    """List dead-letter files with their reasons."""
+    letters = read_dead_letters(_config(spool_dir).spool_dir)
+    for letter in letters:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.time))
+        click.echo(f"{letter.path.name}  {stamp}  {len(letter.records)} record(s)  "
+                   f"{letter.reason}")
+    click.echo(f"{len(letters)} dead-letter file(s)")
+
+
+@dead_letter.command("replay")
+@spool_option
+def dead_letter_replay(spool_dir: str | None) -> None:
+    """Put dead-lettered span records back on the spool (after fixing the cause)."""
+    config = _config(spool_dir)
+    writer = SegmentWriter(config.spool_dir)
+    replayed = 0
+    for letter in read_dead_letters(config.spool_dir):
+        spans = [r.payload for r in letter.records if r.kind == KIND_SPAN]
+        if spans:
+            writer.append(b"".join(encode_frame(KIND_SPAN, p) for p in spans))
+            replayed += len(spans)
+        _remove_letter(letter.path)
+    writer.close()
+    click.echo(f"replayed {replayed} record(s); the next shipper sends them")
+
+
+@dead_letter.command("purge")
+@spool_option
+@click.confirmation_option(prompt="Delete every dead-letter record?")
+def dead_letter_purge(spool_dir: str | None) -> None:
+    """Delete every dead-letter file."""
+    letters = read_dead_letters(_config(spool_dir).spool_dir)
+    for letter in letters:
+        _remove_letter(letter.path)
+    click.echo(f"purged {len(letters)} dead-letter file(s)")
+
+
+def _remove_letter(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name.removesuffix(".spool") + ".reason.json").unlink(missing_ok=True)
+
+
+@main.command()
+@click.option("--timeout", default=10.0, show_default=True)
+def check(timeout: float) -> None:
+    """Verify LANGFUSE_BASE_URL answers and the keys are accepted."""
+    config = _require_keys(_config(None))
+    ok = True
+    with httpx.Client(timeout=timeout) as client:
+        for step, verdict in _check_steps(client, config):
+            ok = ok and verdict.startswith("ok")
+            click.echo(f"{step:<28} {verdict}")
+            if not ok:
+                break
+    raise SystemExit(0 if ok else 1)
+
+
+def _check_steps(client: httpx.Client, config: Config) -> Any:
+    health = f"{config.base_url}/api/public/health"
+    try:
+        response = client.get(health)
+        yield "health", (f"ok ({response.json().get('version', '?')})"
+                         if response.status_code == 200
+                         else f"FAILED: HTTP {response.status_code} from {health}")
+    except (httpx.HTTPError, ValueError) as exc:
+        yield "health", f"FAILED: {health} unreachable ({exc}); check LANGFUSE_BASE_URL"
+        return
+    response = client.get(f"{config.base_url}/api/public/projects",
+                          auth=(config.public_key or "", config.secret_key or ""))
+    if response.status_code == 200:
+        yield "keys", f"ok (public key {config.public_key})"
+    elif response.status_code in (401, 403):
+        yield "keys", (f"FAILED: HTTP {response.status_code}: Langfuse rejects public key "
+                       f"{config.public_key!r}; check LANGFUSE_PUBLIC_KEY / LANGFUSE_SECRET_KEY")
+    else:
+        yield "keys", f"FAILED: HTTP {response.status_code}: {response.text[:200]}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
