@@ -80,13 +80,13 @@ def test_spool_dir_that_is_a_file(tmp_path: Path):
     """A spool path that is a regular file is refused at configuration time."""
     a_file = tmp_path / "f"
     a_file.write_text("x")
-    with pytest.raises(ConfigError, match="CELERY_LANGFUSE_SPOOL_DIR.*is a file"):
+    with pytest.raises(ConfigError, match=r"CELERY_LANGFUSE_SPOOL_DIR.*is a file"):
         load_config(environ={"CELERY_LANGFUSE_SPOOL_DIR": str(a_file)})
 
 
 def test_unknown_instrument_option():
     """A misspelt instrument() option is an error listing the known ones."""
-    with pytest.raises(ConfigError, match="unknown option.*shutdown_timout"):
+    with pytest.raises(ConfigError, match=r"unknown option.*shutdown_timout"):
         load_config(environ={}, shutdown_timout=3)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -22,12 +22,13 @@ from tasks import InvalidJobInput, RetryableLLMError, summarize
 from tasks.jobs import RETRY_BACKOFF_MAX
 from tasks.llm import LLMClient, LocalProvider, Message, ProviderReply, SimulatedRateLimit
 
+Generations = Callable[[], list[ReadableSpan]]
 TEXT = "The invoice shows a duplicate charge. Please refund the second payment to my card."
 
 
 @pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """Spans of a real Langfuse client (unique public key), kept in memory."""
+def generations() -> Iterator[Callable[[], list[ReadableSpan]]]:
+    """The jobs' local model recording into a real Langfuse client; yields its generations."""
     public_key = f"pk-demo-jobs-{uuid.uuid4().hex[:8]}"
     spans = InMemorySpanExporter()
     langfuse = Langfuse(
@@ -42,20 +43,21 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     )
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(tasks.jobs, "get_llm_client", lambda: client)
-    yield spans
+
+    def finished() -> list[ReadableSpan]:
+        langfuse.flush()
+        return [
+            s
+            for s in spans.get_finished_spans()
+            if (s.attributes or {}).get("langfuse.observation.type") == "generation"
+        ]
+
+    yield finished
     monkeypatch.undo()
     langfuse.flush()
     langfuse.shutdown()
     with LangfuseResourceManager._lock:
         LangfuseResourceManager._instances.pop(public_key, None)
-
-
-def _generations(spans: InMemorySpanExporter) -> list[ReadableSpan]:
-    return [
-        s
-        for s in spans.get_finished_spans()
-        if (s.attributes or {}).get("langfuse.observation.type") == "generation"
-    ]
 
 
 class _OtherProvider:
@@ -87,7 +89,7 @@ def test_simulated_rate_limit_fails_like_a_429_with_retry_after() -> None:
 
 
 def test_summarize_is_rate_limited_for_the_first_attempts_then_succeeds(
-    exporter: InMemorySpanExporter,
+    generations: Generations,
 ) -> None:
     """With simulate_rate_limits=2 the first two attempts fail (ERROR generations), the third
     succeeds."""
@@ -95,35 +97,34 @@ def test_summarize_is_rate_limited_for_the_first_attempts_then_succeeds(
     assert result.successful(), result.traceback
     assert result.result["summary"]
     levels = [
-        (g.attributes or {}).get("langfuse.observation.level", "DEFAULT")
-        for g in _generations(exporter)
+        (g.attributes or {}).get("langfuse.observation.level", "DEFAULT") for g in generations()
     ]
     assert levels == ["ERROR", "ERROR", "DEFAULT"]
-    [first, *_] = _generations(exporter)
+    [first, *_] = generations()
     assert "429" in str((first.attributes or {}).get("langfuse.observation.status_message"))
 
 
 def test_summarize_without_the_option_is_not_rate_limited(
-    exporter: InMemorySpanExporter,
+    generations: Generations,
 ) -> None:
     """The default (0) leaves the job untouched: one attempt, one successful generation."""
     assert summarize.apply(kwargs={"text": TEXT}).successful()
-    assert len(_generations(exporter)) == 1
+    assert len(generations()) == 1
 
 
 def test_attempts_past_the_limit_use_the_real_local_model(
-    exporter: InMemorySpanExporter,
+    generations: Generations,
 ) -> None:
     """An attempt whose retry count has reached N is not rate-limited."""
     result = summarize.apply(kwargs={"text": TEXT, "simulate_rate_limits": 1}, retries=1)
     assert result.successful(), result.traceback
-    assert len(_generations(exporter)) == 1
+    assert len(generations()) == 1
 
 
 @pytest.mark.parametrize("value", [-1, 11, "2", True])
-def test_simulate_rate_limits_is_validated(exporter: InMemorySpanExporter, value: Any) -> None:
+def test_simulate_rate_limits_is_validated(generations: Generations, value: Any) -> None:
     """A bad simulate_rate_limits value is an InvalidJobInput naming it."""
-    with pytest.raises(InvalidJobInput, match="^simulate_rate_limits"):
+    with pytest.raises(InvalidJobInput, match=r"^simulate_rate_limits"):
         summarize(TEXT, simulate_rate_limits=value)
 
 

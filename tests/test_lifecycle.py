@@ -8,7 +8,10 @@ asserts that every generation and every task observation arrived exactly once, b
 from __future__ import annotations
 
 import itertools
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -202,3 +205,40 @@ def test_two_workers_on_one_spool(start_worker, worker_env, receiver):
     assert_all_once(receiver, ids)
     assert second.stop() == 0
     assert receiver.duplicates() == {}
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_solo_and_threads_pools_ship_themselves(start_worker, worker_env, receiver, pool):
+    """With solo and threads pools the worker process traces and ships its own tasks."""
+    worker = start_worker(pool=pool, concurrency=1 if pool == "solo" else 2)
+    ids = run_generations(worker_env, 10)
+    assert worker.stop() == 0
+    assert_all_once(receiver, ids)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 128 KiB tmpfs, to fill up for real (skipped where mounting is not allowed)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_never_fails_a_task(start_worker, worker_env, receiver, tiny_disk):
+    """When the spool's disk is full, tasks still succeed and one log line says why."""
+    receiver.down()  # nothing ships, so the spool only grows
+    worker = start_worker(env={"CELERY_LANGFUSE_SPOOL_DIR": str(tiny_disk / "spool")})
+    app = producer(worker_env)
+    big = "x" * 20_000  # the input is captured (capped at 32 KiB), filling the disk fast
+    results = [app.send_task("t.secret", args=["k", big], queue=worker_env["TEST_QUEUE"])
+               for _ in range(30)]
+    assert all(r.get(timeout=60)["echo"] == big for r in results)
+    worker.wait_for_line("cannot write to the trace spool", timeout=10)
+    assert worker.stop() == 0

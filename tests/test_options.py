@@ -41,7 +41,7 @@ def test_options_on_shared_task():
 def test_decorator_order_mistake_is_an_error():
     """@task_options above @app.task raises a clear TypeError instead of doing nothing."""
     app = Celery("order")
-    with pytest.raises(TypeError, match="directly under @app.task"):
+    with pytest.raises(TypeError, match=r"directly under @app\.task"):
         @tracing.task_options(as_type="agent")
         @app.task(name="o.wrong")
         def wrong() -> None: ...
@@ -49,7 +49,7 @@ def test_decorator_order_mistake_is_an_error():
 
 def test_unknown_observation_type():
     """An unknown observation type is refused, listing the known ones."""
-    with pytest.raises(ValueError, match="as_type='robot'.*agent"):
+    with pytest.raises(ValueError, match=r"as_type='robot'.*agent"):
         tracing.task_options(as_type="robot")
 
 
