@@ -1,6 +1,7 @@
 """Producer CLI and `enqueue()`: send LLM jobs to the broker and print where their trace is.
 
     python -m tasks enqueue summarize --text "..." [--user-id U --session-id S --tag T]
+    python -m tasks enqueue summarize --text "..." --simulate-rate-limits 2   (shows retries)
     python -m tasks enqueue classify --text "..." --label billing --label technical
     python -m tasks enqueue agent --question "What is 17 * 23 + 4?"
     python -m tasks enqueue chord --text "..." --text "..."
@@ -66,11 +67,15 @@ def producer_app(env: Mapping[str, str] | None = None) -> Celery:
     return app
 
 
-def _summarize(text: Any, max_sentences: Any = 3) -> dict[str, Any]:
-    return {
+def _summarize(text: Any, max_sentences: Any = 3, simulate_rate_limits: Any = 0) -> dict[str, Any]:
+    kwargs = {
         "text": text_arg("text", text),
         "max_sentences": int_arg("max_sentences", max_sentences, low=1, high=20),
     }
+    limits = int_arg("simulate_rate_limits", simulate_rate_limits, low=0, high=10)
+    if limits:  # only when asked, so ordinary messages stay what older workers accept
+        kwargs["simulate_rate_limits"] = limits
+    return kwargs
 
 
 def _classify(text: Any, labels: Any) -> dict[str, Any]:
@@ -187,10 +192,24 @@ def _producer_options(fn: F) -> F:
 @enqueue_group.command("summarize")
 @click.option("--text", required=True, help="Text to summarize.")
 @click.option("--max-sentences", type=click.IntRange(1, 20), default=3, show_default=True)
+@click.option(
+    "--simulate-rate-limits",
+    type=click.IntRange(0, 10),
+    default=0,
+    help="Local provider only: the first N attempts get a rate-limit error, to show retries.",
+)
 @_producer_options
-def enqueue_summarize(text: str, max_sentences: int, **options: Any) -> None:
+def enqueue_summarize(
+    text: str, max_sentences: int, simulate_rate_limits: int, **options: Any
+) -> None:
     """Summarize a text."""
-    _submit("summarize", options, text=text, max_sentences=max_sentences)
+    _submit(
+        "summarize",
+        options,
+        text=text,
+        max_sentences=max_sentences,
+        simulate_rate_limits=simulate_rate_limits,
+    )
 
 
 @enqueue_group.command("classify")

@@ -6,22 +6,31 @@ errors raise `RetryableLLMError`, which Celery retries with exponential backoff;
 is its own observation in the same trace (the tracing layer does that).
 
 Jobs also accept optional `user_id` / `session_id` keyword arguments, which become the
-Langfuse trace's user and session.
+Langfuse trace's user and session. When the error carries the server's Retry-After, the
+next attempt waits that long instead of the backoff (see `LLMJob`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from celery import shared_task
+from celery import Task, current_task, shared_task
 
 from tracing import task_options
 
 from . import prompts
-from .llm import ChatResult, LLMClient, Message, RetryableLLMError, get_llm_client
+from .llm import (
+    ChatResult,
+    LLMClient,
+    Message,
+    RetryableLLMError,
+    SimulatedRateLimit,
+    get_llm_client,
+)
 from .tools import TOOLS, ToolError, tool_specs
 from .validation import (
     InvalidJobInput,
@@ -34,15 +43,41 @@ from .validation import (
 if TYPE_CHECKING:
     from langfuse import Langfuse
 
+RETRY_BACKOFF_MAX = 60
 # Retry only transient model errors; backoff 1, 2, 4, 8 s (jittered, capped) then fail.
 RETRY_OPTIONS: dict[str, Any] = {
     "autoretry_for": (RetryableLLMError,),
     "retry_backoff": True,
-    "retry_backoff_max": 60,
+    "retry_backoff_max": RETRY_BACKOFF_MAX,
     "retry_jitter": True,
     "max_retries": 4,
 }
 MAX_QUESTION_CHARS = 2_000
+MAX_SIMULATED_RATE_LIMITS = 10
+
+
+class LLMJob(Task):
+    """Task base of the LLM jobs: honour a rate limit's Retry-After when the server sent one.
+
+    Celery's autoretry computes the exponential backoff and calls `retry`; a server that said
+    how long to wait knows better, so its delay (capped at RETRY_BACKOFF_MAX) replaces it.
+    """
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """`Task.retry`, with the countdown taken from `exc.retry_after` when it has one."""
+        if isinstance(exc, RetryableLLMError) and exc.retry_after is not None and eta is None:
+            countdown = min(max(exc.retry_after, 0.0), RETRY_BACKOFF_MAX)
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
 
 def job_trace_attributes(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,7 +119,7 @@ def _check_ids(user_id: Any, session_id: Any) -> None:
     optional_id_arg("session_id", session_id)
 
 
-@shared_task(name="tasks.summarize", **RETRY_OPTIONS)
+@shared_task(base=LLMJob, name="tasks.summarize", **RETRY_OPTIONS)
 @task_options(trace_attributes=job_trace_attributes)
 def summarize(
     text: str,
@@ -92,14 +127,37 @@ def summarize(
     *,
     user_id: str | None = None,
     session_id: str | None = None,
+    simulate_rate_limits: int = 0,
 ) -> dict[str, Any]:
-    """Summarize `text` in at most `max_sentences` sentences."""
+    """Summarize `text` in at most `max_sentences` sentences.
+
+    `simulate_rate_limits` (local provider only): the first N attempts get a rate-limit
+    error (429, Retry-After 0.5 s), to show retries in the trace.
+    """
     text = text_arg("text", text)
     max_sentences = int_arg("max_sentences", max_sentences, low=1, high=20)
     _check_ids(user_id, session_id)
+    llm = _client_for_attempt(simulate_rate_limits)
     messages = prompts.summarize_messages(text, max_sentences)
-    result = get_llm_client().chat(messages, name="summarize", max_tokens=_budget(max_sentences))
+    result = llm.chat(messages, name="summarize", max_tokens=_budget(max_sentences))
     return {"summary": result.text, **_stats(result)}
+
+
+def _client_for_attempt(simulate_rate_limits: Any) -> LLMClient:
+    """The jobs' LLM client, or a rate-limited copy of it while attempts < simulate_rate_limits."""
+    n = int_arg("simulate_rate_limits", simulate_rate_limits, low=0, high=MAX_SIMULATED_RATE_LIMITS)
+    llm = get_llm_client()
+    if n == 0:
+        return llm
+    if llm.provider.name != "local":
+        # Never fake errors in front of a real model: the option is a demo of the local one.
+        raise InvalidJobInput("simulate_rate_limits needs the local provider (LLM_PROVIDER=local)")
+    attempt = current_task.request.retries if current_task else 0
+    if attempt >= n:
+        return llm
+    limited = copy.copy(llm)
+    limited.provider = SimulatedRateLimit()
+    return limited
 
 
 def _budget(sentences: int) -> int:
@@ -107,7 +165,7 @@ def _budget(sentences: int) -> int:
     return min(2048, 120 * sentences)
 
 
-@shared_task(name="tasks.classify", **RETRY_OPTIONS)
+@shared_task(base=LLMJob, name="tasks.classify", **RETRY_OPTIONS)
 @task_options(trace_attributes=job_trace_attributes)
 def classify(
     text: str,
@@ -139,7 +197,7 @@ def match_label(answer: str, labels: Sequence[str]) -> str | None:
     return None
 
 
-@shared_task(name="tasks.summarize_labeled", **RETRY_OPTIONS)
+@shared_task(base=LLMJob, name="tasks.summarize_labeled", **RETRY_OPTIONS)
 @task_options(trace_attributes=job_trace_attributes)
 def summarize_labeled(
     classification: dict[str, Any],
@@ -164,7 +222,7 @@ def summarize_labeled(
     return {"label": label, "summary": result.text, **_stats(result)}
 
 
-@shared_task(name="tasks.combine_summaries", **RETRY_OPTIONS)
+@shared_task(base=LLMJob, name="tasks.combine_summaries", **RETRY_OPTIONS)
 @task_options(trace_attributes=job_trace_attributes)
 def combine_summaries(
     summaries: list[Any],
@@ -206,7 +264,7 @@ def _sum_costs(costs: Sequence[Any]) -> float | None:
     return float(sum(costs))
 
 
-@shared_task(name="tasks.research_agent", **RETRY_OPTIONS)
+@shared_task(base=LLMJob, name="tasks.research_agent", **RETRY_OPTIONS)
 @task_options(as_type="agent", trace_attributes=job_trace_attributes)
 def research_agent(
     question: str,

@@ -236,6 +236,7 @@ class Shipper:
     def stop(self, timeout: float) -> None:
         """Last shipping attempt bounded by ``timeout`` seconds; the rest stays on disk."""
         self._final_deadline = time.monotonic() + timeout
+        self._backoff.not_before = 0.0  # one last attempt now, whatever the backoff said
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -534,6 +535,8 @@ class Shipper:
             excess -= done[-1].end - start
             if excess <= 0:
                 break
+        if not dropped_bytes:
+            return
         self.stats.dropped_at_cap += dropped_spans
         logger.warning(
             "celery-langfuse: spool %s exceeded CELERY_LANGFUSE_SPOOL_MAX_BYTES=%d; dropped the "

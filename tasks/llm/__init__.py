@@ -10,7 +10,7 @@ LLM_TIMEOUT, LLM_STREAM, LLM_LOCAL_LATENCY_MS, LLM_PRICES_JSON.
 
 from ._client import LLMClient, Provider, get_llm_client
 from ._errors import LLMConfigError, LLMError, RetryableLLMError
-from ._local import LocalProvider
+from ._local import LocalProvider, SimulatedRateLimit
 from ._openai import OpenAIProvider
 from ._prices import DEFAULT_PRICES, PriceTable
 from ._settings import LLMSettings
@@ -32,6 +32,7 @@ __all__ = [
     "Provider",
     "ProviderReply",
     "RetryableLLMError",
+    "SimulatedRateLimit",
     "Usage",
     "count_message_tokens",
     "count_tokens",

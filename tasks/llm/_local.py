@@ -6,6 +6,7 @@ It recognises the fixed phrases our prompts carry and answers like a small model
   - "... Available tools (JSON): [...] ..." -> a scripted tool choice for the research agent
 Anything else gets a one-sentence extractive summary of the last user message.
 Token counts come from a word/punctuation tokenizer; latency is LLM_LOCAL_LATENCY_MS.
+`SimulatedRateLimit` stands in for it on attempts a job asks to be rate-limited (demos).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from ._errors import RetryableLLMError
 from ._tokens import count_message_tokens, count_tokens, truncate_tokens
 from ._types import Message, ProviderReply
 
@@ -86,6 +88,37 @@ class LocalProvider:
             output_tokens=count_tokens(text),
             model=model,
             completion_start_time=first_token,
+        )
+
+
+class SimulatedRateLimit:
+    """The local model answering HTTP 429: every call raises `RetryableLLMError`.
+
+    A job swaps it in for the attempts it wants rate-limited (`simulate_rate_limits`), so
+    the retry path (a failed generation, a retried attempt, a later success) can be seen
+    without a real provider. `retry_after` plays the 429's Retry-After header, in seconds.
+    """
+
+    name = "local"
+
+    def __init__(self, *, retry_after: float = 0.5) -> None:
+        self.retry_after = retry_after
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        model: str,
+        temperature: float,
+        max_tokens: int,
+        stream: bool = False,
+    ) -> ProviderReply:
+        """Fail like a rate-limited server would."""
+        raise RetryableLLMError(
+            f"429 Too Many Requests (simulated by the local provider; "
+            f"retry after {self.retry_after:g}s)",
+            status_code=429,
+            retry_after=self.retry_after,
         )
 
 
