@@ -97,13 +97,18 @@ def test_exclude_tasks_globs():
     assert not config.is_excluded("tasks.summarize")
 
 
-def test_no_keys_warns_once_and_names_the_variables(monkeypatch, caplog):
-    """instrument() without keys warns once, naming the variables to set; tasks run."""
+def test_no_keys_warns_once_in_the_worker_naming_the_variables(monkeypatch, caplog):
+    """Without keys a worker warns once, naming the variables; a producer stays quiet."""
+    from celery import signals
+
     for name in ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY"):
         monkeypatch.delenv(name, raising=False)
     app = Celery("no-keys")
     with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
         tracing.instrument(app)
+        tracing.instrument(app)
+        assert caplog.text == ""  # importing the app module (a producer) says nothing
+        signals.worker_init.send(sender=None)
     assert caplog.text.count("LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY") == 1
     tracing.uninstrument(app)
 

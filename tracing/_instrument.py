@@ -54,11 +54,11 @@ def instrument(app: Celery, **options: Any) -> Config:
         _disconnect_worker_handlers()
         return config
     if not config.has_keys:
-        logger.warning(
-            "celery-langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY are not set; tasks "
-            "run untraced. Set them (and LANGFUSE_BASE_URL) to trace, or set "
-            "CELERY_LANGFUSE_ENABLED=false to silence this warning."
-        )
+        # Only a worker runs tasks: a producer importing the same app module needs no keys,
+        # so the warning waits for worker_init rather than being printed at import time.
+        _disconnect_worker_handlers()
+        signals.worker_init.connect(_warn_untraced, weak=False,
+                                    dispatch_uid="celery_langfuse._warn_untraced")
         return config
     _connect_worker_handlers()
     return config
@@ -86,6 +86,14 @@ _TASK_SIGNALS: list[tuple[Any, Callable[..., Any]]] = [
     (signals.task_rejected, on_task_rejected),
     (signals.task_unknown, on_task_unknown),
 ]
+
+
+def _warn_untraced(**_: Any) -> None:
+    logger.warning(
+        "celery-langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY are not set; tasks run "
+        "untraced. Set them (and LANGFUSE_BASE_URL) to trace, or set "
+        "CELERY_LANGFUSE_ENABLED=false to silence this warning."
+    )
 
 
 @never_raises
@@ -133,3 +141,4 @@ def _connect_worker_handlers() -> None:
 def _disconnect_worker_handlers() -> None:
     for signal, handler in _TASK_SIGNALS + _WORKER_SIGNALS:
         signal.disconnect(dispatch_uid=f"celery_langfuse.{handler.__name__}")
+    signals.worker_init.disconnect(dispatch_uid="celery_langfuse._warn_untraced")
