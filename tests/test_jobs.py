@@ -10,7 +10,8 @@ import pytest
 import tracing
 from tasks.cli import enqueue, producer_app
 from tests.support import ROOT
-from tests.test_llm import FakeOpenAI, Reply, completion, fake_openai  # noqa: F401
+from tests.test_llm import FakeOpenAI, Reply, completion
+from tests.test_llm import fake_openai as fake_openai_fixture  # noqa: F401  (registers it)
 from tracing.testing import LangfuseReceiver, Observation
 
 pytestmark = pytest.mark.slow
