@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_openai import fake_openai
 from tests.support import RedisServer, WorkerProcess
 from tracing.testing import LangfuseReceiver
 
 pytest_plugins = ["celery.contrib.pytest"]
+__all__ = ["fake_openai"]  # shared with every test module
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,8 @@ import pytest
 
 import tracing
 from tasks.cli import enqueue, producer_app
+from tests.fake_openai import FakeOpenAI, Reply, completion
 from tests.support import ROOT
-from tests.test_llm import FakeOpenAI, Reply, completion
-from tests.test_llm import fake_openai as fake_openai_fixture  # noqa: F401  (registers it)
 from tracing.testing import LangfuseReceiver, Observation
 
 pytestmark = pytest.mark.slow
