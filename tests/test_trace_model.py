@@ -258,3 +258,19 @@ def test_client_created_before_instrument_still_goes_through_the_spool(
         assert process.stop() == 0
     finally:
         process.kill_group()
+
+
+def test_internal_error_is_recorded(app, env, module_receiver):
+    """A message Celery cannot run (kwargs not a mapping) is an ERROR `internal error`."""
+    task_id = str(uuid.uuid4())
+    headers = {"lang": "py", "task": "t.add", "id": task_id, "root_id": task_id,
+               "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None,
+               "timelimit": [None, None], "argsrepr": "()", "kwargsrepr": "[]",
+               "origin": "test", "ignore_result": False}
+    body = [[], ["not", "a", "mapping"], {"callbacks": None, "errbacks": None,
+                                          "chain": None, "chord": None}]
+    with app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body, routing_key=env["TEST_QUEUE"], headers=headers, serializer="json")
+    [obs] = task_observations(module_receiver, task_id)
+    assert obs.level == "ERROR" and "internal error" in (obs.status_message or "")
