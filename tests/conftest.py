@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.capture import captured
 from tests.fake_openai import fake_openai
 from tests.support import RedisServer, WorkerProcess
 from tracing.testing import LangfuseReceiver
 
 pytest_plugins = ["celery.contrib.pytest"]
-__all__ = ["fake_openai"]  # shared with every test module
+__all__ = ["captured", "fake_openai"]  # shared with every test module
 
 
 @pytest.fixture(scope="session")

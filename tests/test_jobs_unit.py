@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -14,9 +12,6 @@ from celery.canvas import _chain, chord
 from celery.signals import before_task_publish
 from click.testing import CliRunner
 from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tasks.cli
 import tasks.jobs
@@ -35,6 +30,7 @@ from tasks import (
 from tasks.jobs import job_trace_attributes, match_label, parse_action, run_agent
 from tasks.llm import LLMClient, LocalProvider, Message, ProviderReply
 from tasks.tools import ToolError, calculator, keyword_search, word_count
+from tests.capture import Captured
 
 TEXT = (
     "The invoice shows a duplicate charge. "
@@ -47,39 +43,6 @@ TEXT = (
 # ---- fixtures -----------------------------------------------------------------------------
 
 
-@dataclass
-class Captured:
-    """A real Langfuse client whose spans land in memory."""
-
-    langfuse: Langfuse
-    exporter: InMemorySpanExporter
-
-    def spans(self, observation_type: str | None = None) -> list[ReadableSpan]:
-        self.langfuse.flush()
-        return [
-            s
-            for s in self.exporter.get_finished_spans()
-            if observation_type is None
-            or (s.attributes or {}).get("langfuse.observation.type") == observation_type
-        ]
-
-
-@pytest.fixture
-def captured() -> Iterator[Captured]:
-    """A Langfuse client (unique public key) exporting to an in-memory exporter."""
-    public_key = f"pk-jobs-{uuid.uuid4().hex[:8]}"
-    exporter = InMemorySpanExporter()
-    langfuse = Langfuse(
-        public_key=public_key,
-        secret_key="sk-test",
-        base_url="http://127.0.0.1:9",
-        span_exporter=exporter,
-        tracer_provider=TracerProvider(),
-    )
-    yield Captured(langfuse, exporter)
-    langfuse.shutdown()
-    with LangfuseResourceManager._lock:
-        LangfuseResourceManager._instances.pop(public_key, None)
 
 
 @pytest.fixture

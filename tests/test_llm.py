@@ -5,16 +5,10 @@ from __future__ import annotations
 import json
 import socket
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 
 from tasks.llm import (
     LLMClient,
@@ -31,6 +25,7 @@ from tasks.llm import (
     count_tokens,
 )
 from tasks.llm._local import classify, summarize
+from tests.capture import Captured
 from tests.fake_openai import FakeOpenAI, Reply, completion
 
 TEXT = (
@@ -49,43 +44,6 @@ MESSAGES = [
 # ---- fixtures -----------------------------------------------------------------------------
 
 
-@dataclass
-class Captured:
-    """A real Langfuse client whose spans land in memory."""
-
-    langfuse: Langfuse
-    exporter: InMemorySpanExporter
-
-    def spans(self) -> list[ReadableSpan]:
-        self.langfuse.flush()
-        return list(self.exporter.get_finished_spans())
-
-    def only(self, observation_type: str) -> list[ReadableSpan]:
-        return [
-            s
-            for s in self.spans()
-            if (s.attributes or {}).get("langfuse.observation.type") == observation_type
-        ]
-
-
-@pytest.fixture
-def captured() -> Iterator[Captured]:
-    """A Langfuse client (unique public key) exporting to an in-memory exporter."""
-    public_key = f"pk-test-{uuid.uuid4().hex[:8]}"
-    exporter = InMemorySpanExporter()
-    langfuse = Langfuse(
-        public_key=public_key,
-        secret_key="sk-test",
-        base_url="http://127.0.0.1:9",
-        span_exporter=exporter,
-        tracer_provider=TracerProvider(),
-    )
-    yield Captured(langfuse, exporter)
-    langfuse.shutdown()
-    # The SDK keeps one resource manager per key per process; forget ours so get_client()
-    # elsewhere in the test session is not confused by leftovers.
-    with LangfuseResourceManager._lock:
-        LangfuseResourceManager._instances.pop(public_key, None)
 
 
 @pytest.fixture
