@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install worker enqueue demo test lint bench clean
+.PHONY: install worker enqueue demo test lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -35,8 +35,12 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+## bench: throughput vs the alternatives, overhead, shipper, latency, memory (~12 min)
 bench: install
 	$(PY) -m bench --out bench/results.jsonl
+
+bench-quick: install
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -86,3 +86,17 @@ def test_trace_id_is_derived_from_the_root_id():
     """Any process can compute a task tree's trace id from its root task id."""
     assert tracing.trace_id_for("abc") == Langfuse.create_trace_id(seed="abc")
     assert len(tracing.trace_id_for("abc")) == 32
+
+
+def test_only_spans_that_may_hold_media_go_through_the_sdk_transformer(captured):
+    """Spans with base64 data URIs take the SDK's media path; plain spans skip its cloning."""
+    from tracing._client import _may_hold_media
+
+    plain = captured.langfuse.start_observation(name="plain", input={"text": "hello"})
+    plain.end()
+    image = "data:image/png;base64," + "A" * 64
+    media = captured.langfuse.start_observation(name="media", input={"image": image})
+    media.end()
+    spans = {span.name: span for span in captured.spans()}
+    assert not _may_hold_media(spans["plain"])
+    assert _may_hold_media(spans["media"])

@@ -12,10 +12,13 @@ LangChain callbacks all pass through that processor.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from langfuse import Langfuse
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing._config import Config
 
@@ -69,10 +72,55 @@ def _redirect(processor: Any, exporter: SpanExporter, flush_interval: float) -> 
 
     batch = processor._batch_processor
     current = batch._exporter
-    # The SDK wraps the exporter to upload media and apply masks; keep that wrapper.
     if isinstance(current, LangfuseTransformingSpanExporter):
+        # The SDK wraps the exporter to upload media and apply masks; keep that wrapper, but
+        # only for spans it can change: cloning every span costs ~100 µs per task.
         current._exporter = exporter
+        batch._exporter = MediaRouter(current, exporter)
     else:
         batch._exporter = exporter
     batch._schedule_delay = flush_interval
     batch._schedule_delay_millis = flush_interval * 1000
+
+
+# What the SDK's media processing looks for (``langfuse/_client/span_exporter.py``): base64
+# data URIs, serialized media objects and Langfuse media references. A superset is fine.
+_MEDIA = re.compile(r"data:|inline_?[dD]ata|media_type|mime_?[tT]ype|@@@langfuseMedia")
+
+
+class MediaRouter(SpanExporter):
+    """Send through the SDK's transforming exporter only the spans it could transform."""
+
+    def __init__(self, transformer: Any, spool: SpanExporter) -> None:
+        self.transformer = transformer
+        self.spool = spool
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.transformer._mask_otel_spans is not None:
+            return self.transformer.export(spans)
+        plain: list[ReadableSpan] = []
+        media: list[ReadableSpan] = []
+        for span in spans:
+            (media if _may_hold_media(span) else plain).append(span)
+        result = self.spool.export(plain) if plain else SpanExportResult.SUCCESS
+        if media:
+            result = self.transformer.export(media)
+        return result
+
+    def shutdown(self) -> None:
+        self.spool.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def _may_hold_media(span: ReadableSpan) -> bool:
+    for value in (span.attributes or {}).values():
+        if isinstance(value, str):
+            if _MEDIA.search(value):
+                return True
+        elif isinstance(value, (list, tuple)) and any(
+            isinstance(item, str) and _MEDIA.search(item) for item in value
+        ):
+            return True
+    return False

@@ -56,6 +56,7 @@ from tracing._exporter import SpoolExporter, span_frame
 from tracing._spool import (
     KIND_SEAL,
     KIND_SPAN,
+    ScanResult,
     SegmentId,
     ShipperLock,
     encode_frame,
@@ -70,6 +71,7 @@ from tracing._spool import (
 
 logger = logging.getLogger("celery_langfuse")
 
+_WINDOW_SLACK = 256 * 1024  # read past a full batch, so the record ending it is whole
 _SPAN_IDS = 24  # a span record's payload starts with its 8-byte span id and 16-byte trace id
 _REJECTS = {400, 413, 422}
 _AUTH = {401, 403}
@@ -221,6 +223,7 @@ class Shipper:
         self._stopping = threading.Event()
         self._final_deadline: float | None = None
         self._thread: threading.Thread | None = None
+        self._batch_was_full = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -256,8 +259,17 @@ class Shipper:
                 logger.exception("celery-langfuse: shipper cycle failed; retrying")
             if self._stopping.is_set() and not progressed:
                 break
-            self._wake.wait(0 if progressed else self._idle_wait())
+            self._wake.wait(self._next_wait(progressed))
             self._wake.clear()
+
+    def _next_wait(self, progressed: bool) -> float:
+        if progressed and (self._batch_was_full or self._stopping.is_set()):
+            return 0.0
+        if progressed:
+            # A partial batch means we caught up: let spans gather for one poll interval
+            # rather than sending a request per handful of spans (fewer, larger requests).
+            return self.poll_interval
+        return self._idle_wait()
 
     def _idle_wait(self) -> float:
         if not self._has_lock:
@@ -305,6 +317,9 @@ class Shipper:
         if time.monotonic() < self._backoff.not_before:
             return closed
         items = self._next_batch()
+        spans = sum(1 for item in items if item.payload is not None)
+        self._batch_was_full = spans >= self.batch_max_spans or sum(
+            len(item.payload) for item in items if item.payload) >= self.batch_max_bytes
         if not items:
             self._delete_finished()
             return closed
@@ -353,9 +368,10 @@ class Shipper:
     def _segment_items(self, path: Path, segment: SegmentId) -> list[_Item]:
         start = self._cursor(path)
         try:
-            if path.stat().st_size <= start:
+            size = path.stat().st_size
+            if size <= start:
                 return []
-            result = scan_file(path, start)
+            result, cut_by_window = self._scan_window(path, start, size)
         except FileNotFoundError:
             return []
         items = [_Item(path, r.end, r.payload if r.kind == KIND_SPAN else None)
@@ -364,9 +380,23 @@ class Shipper:
             self._set_aside_corrupt(path, first, last)
             items.append(_Item(path, last))
         items.sort(key=lambda item: item.end)
-        if result.torn_tail and not writer_alive(segment):
+        if result.torn_tail and not cut_by_window and not writer_alive(segment):
             items.append(self._cut_torn_tail(path, result.end))
         return items
+
+    def _scan_window(self, path: Path, start: int, size: int) -> tuple[ScanResult, bool]:
+        """Scan about one batch's worth of bytes after ``start``, not the whole segment.
+
+        Re-reading an 8 MiB segment from the cursor for every 3 MiB batch halved shipping
+        throughput. A window that holds no whole record (one huge record) is widened.
+        """
+        window = self.batch_max_bytes + _WINDOW_SLACK
+        while True:
+            result = scan_file(path, start, window)
+            cut_by_window = start + window < size
+            if result.records or result.corrupt or not cut_by_window:
+                return result, cut_by_window
+            window *= 2
 
     def _set_aside_corrupt(self, path: Path, first: int, last: int) -> None:
         with path.open("rb") as handle:

@@ -312,11 +312,15 @@ def scan(data: bytes, start: int = 0) -> ScanResult:
     return _scan(data, start, 0)
 
 
-def scan_file(path: StrPath, start: int = 0) -> ScanResult:
-    """Scan a file from byte ``start`` to its current end; offsets are file offsets."""
+def scan_file(path: StrPath, start: int = 0, max_bytes: int | None = None) -> ScanResult:
+    """Scan a file from byte ``start`` to its current end (or ``max_bytes`` further).
+
+    Offsets are file offsets. With ``max_bytes``, a frame cut by the window's end is reported
+    as a torn tail although the file goes on: the caller must not cut it.
+    """
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes)
     return _scan(data, 0, start)
 
 

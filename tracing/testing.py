@@ -534,6 +534,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Without TCP_NODELAY, Nagle's algorithm meets the client's delayed ACK and every
+        # answer waits ~40 ms: the receiver would look like a slow Langfuse.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.receiver._track(self.connection, add=True)
 
     def finish(self) -> None:

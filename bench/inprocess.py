@@ -1,0 +1,151 @@
+"""Costs measured inside one process, with the real runtime on a temporary spool.
+
+* **Overhead per task** of ``instrument()``: a trivial task run with ``Task.apply()`` (Celery's
+  real tracer, which sends ``task_prerun`` / ``task_postrun``) with the handlers connected
+  and the runtime started, against the same task with the handlers disconnected. Blocks of
+  the two alternate, so drift (CPU frequency, other processes) hits both alike. Nothing is
+  shipped (``ship=False``): the shipper's cost is the worker main process's, measured by the
+  throughput runs.
+* **Spool append per span**: ``SpoolExporter.export([span])`` for a real task span (OTLP
+  encoding, framing with crc, one ``os.write``), and the bare ``SegmentWriter.append``.
+* **Task-end force-flush**: ``runtime.flush()`` (the SDK batch processor's
+  ``force_flush`` into the spool) with one task's two spans queued, as at task end.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from bench._stats import summary_us
+
+KEYS = {"public_key": "pk-lf-bench-inproc", "secret_key": "sk-lf-bench-inproc",
+        "base_url": "http://127.0.0.1:9"}  # never contacted: ship=False
+
+
+@contextmanager
+def traced_runtime(spool_dir: Path) -> Iterator[tuple[Celery, Any]]:
+    """An in-process app with a trivial task, instrumented, and the runtime started."""
+    import tracing
+    from tracing import _runtime
+
+    app = Celery("bench_inprocess", set_as_current=False)
+    app.conf.update(task_always_eager=False, task_store_eager_result=False)
+
+    @app.task(name="bench.trivial")
+    def trivial(i: int) -> int:
+        return i
+
+    config = tracing.instrument(app, spool_dir=str(spool_dir), **KEYS)
+    runtime = _runtime.start(config, ship=False)
+    try:
+        yield app, runtime
+    finally:
+        runtime.flush()
+        tracing.uninstrument(app)
+
+
+def _time_block(call: Callable[[], Any], n: int) -> list[int]:
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter_ns()
+        call()
+        samples.append(time.perf_counter_ns() - started)
+    return samples
+
+
+def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
+    """Per-task time with and without the handlers, and their difference (µs)."""
+    import tracing
+    from tracing._instrument import _connect_worker_handlers, _disconnect_worker_handlers
+
+    with traced_runtime(spool_dir) as (app, runtime):
+        task = app.tasks["bench.trivial"]
+        _time_block(lambda: task.apply(args=(0,)), 200)  # warm caches and the SDK
+        traced: list[int] = []
+        plain: list[int] = []
+        gc.collect()
+        for _ in range(max(1, iterations // block)):
+            _connect_worker_handlers()
+            traced += _time_block(lambda: task.apply(args=(1,)), block)
+            _disconnect_worker_handlers()
+            plain += _time_block(lambda: task.apply(args=(1,)), block)
+        _connect_worker_handlers()
+        assert tracing.is_instrumented(app)
+        runtime.flush()
+    with_tracing, without = summary_us(traced), summary_us(plain)
+    return {
+        "traced": with_tracing, "untraced": without,
+        "overhead_median_us": round(with_tracing["median_us"] - without["median_us"], 2),
+        "overhead_p99_us": round(with_tracing["p99_us"] - without["p99_us"], 2),
+    }
+
+
+def spool_costs(spool_dir: Path, iterations: int) -> dict[str, Any]:
+    """Spool append per span, bare segment write per frame, and the task-end force-flush."""
+    from tracing._exporter import span_frame
+
+    with traced_runtime(spool_dir) as (_app, runtime):
+        client = runtime.client
+        span = _task_like_span(client)
+        frame = span_frame(span)
+        exporter, writer = runtime.exporter, runtime.exporter.writer
+        export = _time_block(lambda: exporter.export([span]), iterations)
+        write = _time_block(lambda: writer.append(frame), iterations)
+        flush: list[int] = []
+        for _ in range(iterations):
+            _one_task_of_spans(client)
+            started = time.perf_counter_ns()
+            runtime.flush()
+            flush.append(time.perf_counter_ns() - started)
+    return {"append_per_span": summary_us(export), "write_per_frame": summary_us(write),
+            "frame_bytes": len(frame), "force_flush_2_spans": summary_us(flush)}
+
+
+def _one_task_of_spans(client: Any) -> None:
+    """A task observation with one generation under it, both ended (2 queued spans)."""
+    with client.start_as_current_observation(
+        name="bench.trivial", input={"args": [1], "kwargs": {}},
+        metadata={"task_id": "x", "queue": "bench"},
+    ) as task, client.start_as_current_observation(
+        name="llm", as_type="generation", model="bench-model", input="prompt 1",
+    ) as generation:
+        generation.update(output="PROMPT 1", usage_details={"input": 2, "output": 2})
+        task.update(output={"i": 1})
+
+
+def _task_like_span(client: Any) -> Any:
+    """A real SDK ``ReadableSpan`` shaped like a task observation (captured, not exported)."""
+    captured: list[Any] = []
+    processor = _capture(client, captured)
+    try:
+        _one_task_of_spans(client)
+    finally:
+        processor()
+    return next(s for s in captured if s.name == "bench.trivial")
+
+
+def _capture(client: Any, into: list[Any]) -> Callable[[], None]:
+    """Record spans ending on ``client``'s tracer provider; returns the undo function."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    class Recorder(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            into.append(span)
+
+    provider = client._resources.tracer_provider
+    multi = provider._active_span_processor
+    recorder = Recorder()
+    before = multi._span_processors
+    multi._span_processors = (*before, recorder)
+
+    def undo() -> None:
+        multi._span_processors = before
+
+    return undo
