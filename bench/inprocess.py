@@ -38,7 +38,7 @@ def traced_runtime(spool_dir: Path) -> Iterator[tuple[Celery, Any]]:
     app = Celery("bench_inprocess", set_as_current=False)
     app.conf.update(task_always_eager=False, task_store_eager_result=False)
 
-    @app.task(name="bench.trivial")
+    @app.task(name="bench.trivial", shared=False)  # not added to every later app
     def trivial(i: int) -> int:
         return i
 
