@@ -112,24 +112,27 @@ def on_task_prerun(
     attributes = incoming.attributes.merged(_extract(options, kwargs or {}))
     capture = config.capture_input if options.capture_input is None else options.capture_input
     observation = _start_observation(
-        runtime.client, task, incoming.carrier, request,
+        runtime.client, task, options, incoming.carrier, request,
         input=_render({"args": args, "kwargs": kwargs}) if capture else None,
         metadata=task_metadata(task, request, task_id),
     )
     span = observation._otel_span
-    tokens = [otel_context.attach(otel_trace.set_span_in_context(span))]
+    # Registered before anything else can fail, so task_postrun always ends the observation
+    # and detaches the context: a context left attached would leak into the next task.
+    active = _active[task_id] = _Active(
+        observation, [otel_context.attach(otel_trace.set_span_in_context(span))], options)
     propagation = _propagate(attributes)
     if propagation is not None:
         propagation.__enter__()
-        tokens.append(propagation)
-    _active[task_id] = _Active(observation, tokens, options)
+        active.tokens.append(propagation)
     runtime.write_frames(from_span(task_id, span).frame())
 
 
 def _start_observation(
-    client: Langfuse, task: Any, carrier: dict[str, str], request: Any, **fields: Any
+    client: Langfuse, task: Any, options: TaskOptions, carrier: dict[str, str], request: Any,
+    **fields: Any,
 ) -> Any:
-    as_type: Any = options_for(task).as_type  # validated by task_options
+    as_type: Any = options.as_type  # validated by task_options
     if "traceparent" in carrier:
         token = otel_context.attach(_propagator.extract(carrier))
         try:
