@@ -368,7 +368,7 @@ def _failure_elsewhere(sender: Any, task_id: str, exception: BaseException | Non
 
 def _close_dead_attempt(name: str, task_id: str, reason: str, level: str) -> None:
     runtime = _runtime.current()
-    if runtime is None:
+    if runtime is None or runtime.config.is_excluded(name):
         return
     shipper = runtime.shipper
     if shipper is not None and shipper.close_attempt(task_id, reason, level=level):
@@ -392,7 +392,7 @@ def emit_observation(
 ) -> None:
     """A complete observation for a task that never ran here (unknown, rejected, revoked)."""
     runtime = _runtime.current()
-    if runtime is None or task_id in _emitted:
+    if runtime is None or task_id in _emitted or runtime.config.is_excluded(name):
         return
     _emitted.add(task_id)
     if len(_emitted) > 10_000:
