@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -11,53 +10,30 @@ from celery import Celery
 from celery.app.task import Task
 from celery.signals import before_task_publish
 from click.testing import CliRunner
-from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 
 import tasks.cli
 import tasks.jobs
 from tasks import InvalidJobInput, RetryableLLMError, summarize
 from tasks.jobs import RETRY_BACKOFF_MAX
 from tasks.llm import LLMClient, LocalProvider, Message, ProviderReply, SimulatedRateLimit
+from tests.capture import Captured
 
 Generations = Callable[[], list[ReadableSpan]]
 TEXT = "The invoice shows a duplicate charge. Please refund the second payment to my card."
 
 
 @pytest.fixture
-def generations() -> Iterator[Callable[[], list[ReadableSpan]]]:
+def generations(
+    captured: Captured, monkeypatch: pytest.MonkeyPatch
+) -> Callable[[], list[ReadableSpan]]:
     """The jobs' local model recording into a real Langfuse client; yields its generations."""
-    public_key = f"pk-demo-jobs-{uuid.uuid4().hex[:8]}"
-    spans = InMemorySpanExporter()
-    langfuse = Langfuse(
-        public_key=public_key,
-        secret_key="sk-test",
-        base_url="http://127.0.0.1:9",
-        span_exporter=spans,
-        tracer_provider=TracerProvider(),
-    )
     client = LLMClient(
-        LocalProvider(latency_ms=0), default_model="local-extractive-1", langfuse=langfuse
+        LocalProvider(latency_ms=0), default_model="local-extractive-1",
+        langfuse=captured.langfuse,
     )
-    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(tasks.jobs, "get_llm_client", lambda: client)
-
-    def finished() -> list[ReadableSpan]:
-        langfuse.flush()
-        return [
-            s
-            for s in spans.get_finished_spans()
-            if (s.attributes or {}).get("langfuse.observation.type") == "generation"
-        ]
-
-    yield finished
-    monkeypatch.undo()
-    langfuse.flush()
-    langfuse.shutdown()
-    with LangfuseResourceManager._lock:
-        LangfuseResourceManager._instances.pop(public_key, None)
+    return lambda: captured.spans("generation")
 
 
 class _OtherProvider:
