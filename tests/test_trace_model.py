@@ -274,3 +274,20 @@ def test_internal_error_is_recorded(app, env, module_receiver):
             body, routing_key=env["TEST_QUEUE"], headers=headers, serializer="json")
     [obs] = task_observations(module_receiver, task_id)
     assert obs.level == "ERROR" and "internal error" in (obs.status_message or "")
+
+
+def test_langfuse_openai_generation_goes_through_the_spool(app, module_receiver, fake_openai):
+    """A `langfuse.openai` call inside a task is a generation under it, shipped by the spool."""
+    pytest.importorskip("openai")
+    task_id = run(app, "t.openai", fake_openai.base_url)
+    [task] = task_observations(module_receiver, task_id)
+
+    def generations(obs: list[Observation]) -> list[Observation]:
+        return [o for o in obs if o.type == "generation" and o.trace_id == task.trace_id]
+
+    [generation] = generations(module_receiver.wait_for(
+        generations, timeout=30, what="the OpenAI generation"))
+    assert generation.parent_observation_id == task.id
+    assert generation.usage_details.get("prompt_tokens") == 11  # OpenAI naming, as sent
+    requests = [r for r in module_receiver.requests if generation.id in r.span_ids]
+    assert requests and all(r.headers.get("user-agent") == "celery-langfuse" for r in requests)

@@ -125,3 +125,14 @@ def secret(api_key: str, payload: Any) -> dict[str, Any]:
 def chain_step(previous: Any, step: int) -> list[Any]:
     _generation(f"step-{step}", str(previous))
     return [previous, step]
+
+
+@app.task(name="t.openai")
+def openai_call(base_url: str) -> str:
+    from langfuse.openai import OpenAI  # the SDK's OpenAI drop-in: its own instrumentation
+
+    client = OpenAI(base_url=base_url, api_key="sk-fake", max_retries=0)
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi."}]
+    )
+    return str(reply.choices[0].message.content)
