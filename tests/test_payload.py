@@ -82,3 +82,15 @@ def test_deep_and_wide_structures_are_bounded():
         cursor = nxt
     assert "nested too deep" in json.dumps(safe(deep))
     assert safe(list(range(1000)))[-1] == "<800 more items>"
+
+
+def test_attribute_text_matches_the_rendering():
+    """The attribute form is the rendering as JSON text; a string stays a raw string."""
+    from tracing._payload import render_attribute
+
+    value = {"args": [1, "x"], "password": "p"}
+    text = render_attribute(value, redact=REDACT, max_bytes=10_000)
+    assert json.loads(text) == safe(value)
+    assert render_attribute("plain text", redact=REDACT, max_bytes=10_000) == "plain text"
+    capped = json.loads(render_attribute("y" * 5000, redact=REDACT, max_bytes=1000))
+    assert capped["truncated"] is True

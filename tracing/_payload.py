@@ -33,11 +33,33 @@ def render(value: Any, *, redact: re.Pattern[str], max_bytes: int) -> Any:
     """Return a JSON-safe version of ``value``: redacted, and capped at ``max_bytes`` of JSON."""
     safe = _safe(value, redact, 0)
     encoded = json.dumps(safe, ensure_ascii=False, separators=(",", ":"))
-    size = len(encoded.encode("utf-8"))
-    if size <= max_bytes:
-        return safe
-    preview = encoded.encode("utf-8")[: max(0, max_bytes - 120)].decode("utf-8", "ignore")
-    return {"truncated": True, "original_bytes": size, "preview": preview}
+    return json.loads(_capped(encoded, max_bytes)) if _too_big(encoded, max_bytes) else safe
+
+
+def render_attribute(value: Any, *, redact: re.Pattern[str], max_bytes: int) -> str:
+    """The same rendering, as the Langfuse SDK would write it into a span attribute.
+
+    JSON text, except that a string stays itself (the SDK sends strings raw). Handing the SDK
+    text instead of Python objects spares it a second serialisation and a recursive walk
+    looking for media in every nested value.
+    """
+    safe = _safe(value, redact, 0)
+    encoded = json.dumps(safe, ensure_ascii=False, separators=(",", ":"))
+    if _too_big(encoded, max_bytes):
+        return _capped(encoded, max_bytes)
+    return safe if isinstance(safe, str) else encoded
+
+
+def _too_big(encoded: str, max_bytes: int) -> bool:
+    return len(encoded.encode("utf-8")) > max_bytes
+
+
+def _capped(encoded: str, max_bytes: int) -> str:
+    """A bounded preview of an over-long rendering, saying how large it was (JSON text)."""
+    raw = encoded.encode("utf-8")
+    preview = raw[: max(0, max_bytes - 120)].decode("utf-8", "ignore")
+    capped = {"truncated": True, "original_bytes": len(raw), "preview": preview}
+    return json.dumps(capped, ensure_ascii=False, separators=(",", ":"))
 
 
 def _safe(value: Any, redact: re.Pattern[str], depth: int) -> Any:

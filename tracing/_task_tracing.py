@@ -43,7 +43,7 @@ from opentelemetry import trace as otel_trace
 from tracing import _runtime
 from tracing._attempts import from_span
 from tracing._options import TaskOptions, options_for
-from tracing._payload import render
+from tracing._payload import render_attribute
 from tracing._propagation import TraceAttributes, _propagator, read_headers
 
 logger = logging.getLogger("celery_langfuse")
@@ -191,11 +191,12 @@ def task_metadata(task: Any, request: Any, task_id: str) -> dict[str, Any]:
             for k, v in meta.items() if v is not None and v != ""}
 
 
-def _render(value: Any) -> Any:
+def _render(value: Any) -> str:
     runtime = _runtime.current()
     assert runtime is not None
     config = runtime.config
-    return render(value, redact=config.redact_keys, max_bytes=config.max_payload_bytes)
+    return render_attribute(value, redact=config.redact_keys,
+                            max_bytes=config.max_payload_bytes)
 
 
 # -- ends seen in the process that ran the body -----------------------------------------------
