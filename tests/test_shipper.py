@@ -184,3 +184,20 @@ def test_second_shipper_is_kept_out_by_the_lock(receiver, spool, make_spans):
         shipper_for(receiver, spool).drain(1)
     first._release()
     shutil.rmtree(spool / "dead-letter", ignore_errors=True)
+
+
+def test_closing_span_keeps_a_non_error_end_out_of_error_status():
+    """A task revoked by termination is closed as WARNING/REVOKED, not as an OTel error."""
+    from opentelemetry.trace import StatusCode
+
+    from tracing._attempts import OpenAttempt, closing_span
+
+    attempt = OpenAttempt(task_id="t", name="t.x", trace_id="ab" * 16, span_id="cd" * 8,
+                          parent_span_id=None, start_ns=1, attributes={})
+    revoked = closing_span(attempt, "revoked: terminated by signal 15", level="WARNING",
+                           final_state="REVOKED")
+    assert revoked.status.status_code is StatusCode.UNSET
+    assert revoked.attributes["langfuse.observation.level"] == "WARNING"
+    assert revoked.attributes["langfuse.observation.metadata.final_state"] == '"REVOKED"'
+    lost = closing_span(attempt, "worker lost")
+    assert lost.status.status_code is StatusCode.ERROR

@@ -100,7 +100,9 @@ def _plain(attributes: Mapping[str, Any]) -> dict[str, AttributeValue]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()}
 
 
-def closing_span(attempt: OpenAttempt, reason: str, *, level: str = "ERROR") -> ReadableSpan:
+def closing_span(
+    attempt: OpenAttempt, reason: str, *, level: str = "ERROR", final_state: str = "FAILURE"
+) -> ReadableSpan:
     """The task's observation, ended now with ``level`` and ``reason``, under its own ids."""
     trace_id = int(attempt.trace_id, 16)
     context = SpanContext(trace_id, int(attempt.span_id, 16), False, TraceFlags(1))
@@ -109,7 +111,7 @@ def closing_span(attempt: OpenAttempt, reason: str, *, level: str = "ERROR") -> 
         if attempt.parent_span_id else None
     )
     attributes = {**attempt.attributes, LEVEL: level, STATUS_MESSAGE: reason,
-                  "langfuse.observation.metadata.final_state": "FAILURE"}
+                  "langfuse.observation.metadata.final_state": json.dumps(final_state)}
     return ReadableSpan(
         name=attempt.name,
         context=context,
@@ -117,7 +119,7 @@ def closing_span(attempt: OpenAttempt, reason: str, *, level: str = "ERROR") -> 
         resource=Resource(attempt.resource),
         attributes={k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()},
         kind=SpanKind.INTERNAL,
-        status=Status(StatusCode.ERROR, reason),
+        status=Status(StatusCode.ERROR, reason) if level == "ERROR" else Status(StatusCode.UNSET),
         start_time=attempt.start_ns,
         end_time=max(time.time_ns(), attempt.start_ns),
         instrumentation_scope=InstrumentationScope(

@@ -513,7 +513,9 @@ class Shipper:
 
     # -- attempts, cap, clean-up -------------------------------------------------------------
 
-    def close_attempt(self, task_id: str, reason: str, *, level: str = "ERROR") -> bool:
+    def close_attempt(
+        self, task_id: str, reason: str, *, level: str = "ERROR", final_state: str = "FAILURE"
+    ) -> bool:
         """Write the ERROR observation of a task whose process died; once per task id."""
         with self._close_lock:
             if task_id in self._closed_tasks:
@@ -522,15 +524,19 @@ class Shipper:
             attempt = self.index.find_task(task_id)
             if attempt is None:
                 return False
-            self._write_closing(attempt, reason, level)
+            self._write_closing(attempt, reason, level, final_state)
             self._closed_tasks[task_id] = None
             while len(self._closed_tasks) > 10_000:
                 self._closed_tasks.popitem(last=False)
         self.wake()
         return True
 
-    def _write_closing(self, attempt: OpenAttempt, reason: str, level: str = "ERROR") -> None:
-        self.exporter.write(span_frame(closing_span(attempt, reason, level=level)), 1)
+    def _write_closing(
+        self, attempt: OpenAttempt, reason: str, level: str = "ERROR",
+        final_state: str = "FAILURE",
+    ) -> None:
+        span = closing_span(attempt, reason, level=level, final_state=final_state)
+        self.exporter.write(span_frame(span), 1)
         self.index.mark_closed(attempt.span_id)
         self.stats.attempts_closed += 1
 

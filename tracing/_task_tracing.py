@@ -254,7 +254,7 @@ def on_task_internal_error(
         active.outcome = outcome
         _end(active, "FAILURE", None)
     elif sender is not None:
-        emit_observation(sender.name, task_id, None, outcome, _StateOnly("FAILURE"))
+        emit_observation(sender.name, task_id, None, outcome, "FAILURE")
 
 
 @never_raises
@@ -308,13 +308,18 @@ def _end(active: _Active, state: str, retval: Any) -> None:
             output=output, level=outcome.level, status_message=outcome.status_message,
             metadata={**outcome.metadata, "final_state": state},
         )
-        if outcome.level == "ERROR":
-            observation._otel_span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR,
-                                                                outcome.status_message))
+        _mark_error(observation, outcome)
     finally:
         _detach(active.tokens)
         observation.end()
         runtime.flush()
+
+
+def _mark_error(observation: Any, outcome: _Outcome) -> None:
+    """An ERROR observation also carries OpenTelemetry's error status, for other backends."""
+    if outcome.level == "ERROR":
+        status = otel_trace.Status(otel_trace.StatusCode.ERROR, outcome.status_message)
+        observation._otel_span.set_status(status)
 
 
 def _outcome_for_state(state: str, retval: Any) -> _Outcome:
@@ -364,31 +369,29 @@ def _failure_elsewhere(sender: Any, task_id: str, exception: BaseException | Non
     reason = describe(exception)
     if type(exception).__name__ == "TimeLimitExceeded":
         reason = f"hard time limit exceeded ({exception}): the worker killed the task"
-    _close_dead_attempt(getattr(sender, "name", "celery.task"), task_id, reason, "ERROR")
+    _close_dead_attempt(getattr(sender, "name", "celery.task"), task_id,
+                        _Outcome("ERROR", reason), "FAILURE")
 
 
-def _close_dead_attempt(name: str, task_id: str, reason: str, level: str) -> None:
+def _close_dead_attempt(name: str, task_id: str, outcome: _Outcome, final_state: str) -> None:
+    """Close the attempt a dead child left open, or record the task afresh if none was."""
     runtime = _runtime.current()
     if runtime is None or runtime.config.is_excluded(name):
         return
     shipper = runtime.shipper
-    if shipper is not None and shipper.close_attempt(task_id, reason, level=level):
+    reason = outcome.status_message or final_state.lower()
+    if shipper is not None and shipper.close_attempt(
+        task_id, reason, level=outcome.level, final_state=final_state
+    ):
         return
-    if task_id in _emitted:
-        return
-    emit_observation(name, task_id, None, _Outcome(level, reason), _StateOnly("FAILURE"))
-
-
-@dataclass
-class _StateOnly:
-    final_state: str
+    emit_observation(name, task_id, None, outcome, final_state)
 
 
 _emitted: set[str] = set()
 
 
 def emit_observation(
-    name: str, task_id: str, root_id: str | None, outcome: _Outcome, state: _StateOnly,
+    name: str, task_id: str, root_id: str | None, outcome: _Outcome, final_state: str,
     metadata: Mapping[str, Any] | None = None,
 ) -> None:
     """A complete observation for a task that never ran here (unknown, rejected, revoked)."""
@@ -402,12 +405,10 @@ def emit_observation(
     observation = runtime.client.start_observation(
         trace_context={"trace_id": trace_id_for(root_id or task_id)}, name=name,
         level=level, status_message=outcome.status_message,
-        metadata={"task_id": task_id, "final_state": state.final_state, "pid": os.getpid(),
+        metadata={"task_id": task_id, "final_state": final_state, "pid": os.getpid(),
                   **(metadata or {}), **outcome.metadata},
     )
-    if outcome.level == "ERROR":
-        observation._otel_span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR,
-                                                            outcome.status_message))
+    _mark_error(observation, outcome)
     observation.end()
     runtime.flush()
     if runtime.shipper is not None:
@@ -430,10 +431,10 @@ def on_task_revoked(
     else:
         reason = "revoked before it ran"
     if terminated:
-        _close_dead_attempt(name, task_id, reason, "WARNING")
+        _close_dead_attempt(name, task_id, _Outcome("WARNING", reason), "REVOKED")
         return
     emit_observation(name, task_id, getattr(request, "root_id", None),
-                     _Outcome("WARNING", reason), _StateOnly("REVOKED"))
+                     _Outcome("WARNING", reason), "REVOKED")
 
 
 @never_raises
@@ -444,7 +445,7 @@ def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, *
         return
     reason = f"rejected: {describe(exc)}" if exc else "rejected: unknown message format"
     emit_observation(name or "celery.unknown", task_id, headers.get("root_id"),
-                     _Outcome("WARNING", reason), _StateOnly("REJECTED"))
+                     _Outcome("WARNING", reason), "REJECTED")
 
 
 @never_raises
@@ -458,4 +459,4 @@ def on_task_unknown(
     reason = (f"unknown task {name!r}: not registered in this worker "
               "(check the task name and the worker's imports)")
     emit_observation(name or "celery.unknown", id, headers.get("root_id"),
-                     _Outcome("ERROR", reason), _StateOnly("FAILURE"))
+                     _Outcome("ERROR", reason), "FAILURE")
