@@ -31,6 +31,7 @@ from tracing._spool import (
     list_segments,
     read_cursor,
     read_dead_letters,
+    remove_dead_letter,
     scan_file,
 )
 
@@ -172,7 +173,7 @@ def dead_letter_replay(spool_dir: str | None) -> None:
         if spans:
             writer.append(b"".join(encode_frame(KIND_SPAN, p) for p in spans))
             replayed += len(spans)
-        _remove_letter(letter.path)
+        remove_dead_letter(letter.path)
     writer.close()
     click.echo(f"replayed {replayed} record(s); the next shipper sends them")
 
@@ -184,13 +185,8 @@ def dead_letter_purge(spool_dir: str | None) -> None:
     """Delete every dead-letter file."""
     letters = read_dead_letters(_config(spool_dir).spool_dir)
     for letter in letters:
-        _remove_letter(letter.path)
+        remove_dead_letter(letter.path)
     click.echo(f"purged {len(letters)} dead-letter file(s)")
-
-
-def _remove_letter(path: Path) -> None:
-    path.unlink(missing_ok=True)
-    path.with_name(path.name.removesuffix(".spool") + ".reason.json").unlink(missing_ok=True)
 
 
 @main.command()

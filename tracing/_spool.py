@@ -136,6 +136,7 @@ __all__ = [
     "process_start_time",
     "read_cursor",
     "read_dead_letters",
+    "remove_dead_letter",
     "remove_segment",
     "scan",
     "scan_file",
@@ -875,6 +876,13 @@ def write_dead_letter(
     _write_file_atomic(path, data)
     _write_file_atomic(d / (stem + _REASON_SUFFIX), json.dumps(meta).encode("utf-8"))
     return path
+
+
+def remove_dead_letter(path: StrPath) -> None:
+    """Delete one dead-letter file and its reason sidecar."""
+    p = Path(path)
+    p.unlink(missing_ok=True)
+    p.with_name(p.name.removesuffix(SEGMENT_SUFFIX) + _REASON_SUFFIX).unlink(missing_ok=True)
 
 
 def read_dead_letters(spool_dir: StrPath) -> list[DeadLetter]:
