@@ -316,10 +316,7 @@ class Shipper:
         self._enforce_cap()
         if time.monotonic() < self._backoff.not_before:
             return closed
-        items = self._next_batch()
-        spans = sum(1 for item in items if item.payload is not None)
-        self._batch_was_full = spans >= self.batch_max_spans or sum(
-            len(item.payload) for item in items if item.payload) >= self.batch_max_bytes
+        items, self._batch_was_full = self._next_batch()
         if not items:
             self._delete_finished()
             return closed
@@ -352,7 +349,8 @@ class Shipper:
 
     # -- building a batch --------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Item]:
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        """The next records to send, and whether they fill a whole batch."""
         items: list[_Item] = []
         spans = size = 0
         for path, segment in list_segments(self.spool_dir):
@@ -362,8 +360,8 @@ class Shipper:
                     spans += 1
                     size += len(item.payload)
                 if spans >= self.batch_max_spans or size >= self.batch_max_bytes:
-                    return items
-        return items
+                    return items, True
+        return items, False
 
     def _segment_items(self, path: Path, segment: SegmentId) -> list[_Item]:
         start = self._cursor(path)
