@@ -147,6 +147,27 @@ def test_python_dash_m_tracing_runs(tmp_path):
         assert command in out.stdout
 
 
+def test_celery_langfuse_subcommand_reports_the_spool(tmp_path):
+    """`celery -A app langfuse status` (the celery.commands entry point) runs the same CLI."""
+    spool = tmp_path / "spool"
+    write_spans(spool, 3)
+    env = {**os.environ, "CELERY_LANGFUSE_SPOOL_DIR": str(spool),
+           "LANGFUSE_PUBLIC_KEY": "pk-lf-sub", "LANGFUSE_SECRET_KEY": "sk-lf-sub-secret-value"}
+    base = [sys.executable, "-m", "celery", "-A", "tests.apps.traced_app", "langfuse"]
+    listing = subprocess.run([*base, "--help"], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=60)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    for command in ("status", "drain", "dead-letter", "check"):
+        assert command in listing.stdout
+    out = subprocess.run([*base, "status", "--json"], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["spool"]["unshipped_spans"] == 3
+    assert report["spool"]["directory"] == str(spool)
+    assert "sk-lf-sub-secret-value" not in out.stdout
+
+
 def only_reply(output: str) -> dict[str, object]:
     """The one worker's answer in `celery inspect|control --json` output."""
     replies = json.loads(output)

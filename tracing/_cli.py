@@ -5,6 +5,10 @@
 ``dead-letter``  ``list`` / ``replay`` / ``purge`` the records Langfuse rejected
 ``check``        verify the Langfuse host and keys: health, then an authenticated call
 
+The same commands run as a Celery sub-command, ``celery [-A app] langfuse status|drain|...``:
+pyproject registers :data:`celery_command` under the ``celery.commands`` entry point group,
+which Celery's own command line loads.
+
 Every command reads the same configuration as the worker (``LANGFUSE_*``,
 ``CELERY_LANGFUSE_*``); ``--spool-dir`` overrides the spool. Exit status: 0 when all is well,
 1 when the command worked but found a problem (records left, check failed), 2 for bad usage.
@@ -223,6 +227,15 @@ def _check_steps(client: httpx.Client, config: Config) -> Any:
                        f"{config.public_key!r}; check LANGFUSE_PUBLIC_KEY / LANGFUSE_SECRET_KEY")
     else:
         yield "keys", f"FAILED: HTTP {response.status_code}: {response.text[:200]}"
+
+
+# `celery langfuse ...`: one group named after the sub-command, sharing main's commands.
+celery_command = click.Group(
+    "langfuse",
+    commands=main.commands,
+    help="Operate celery-langfuse: inspect and ship a trace spool, check Langfuse.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 if __name__ == "__main__":  # pragma: no cover
