@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -54,9 +55,14 @@ from tracing._spool import (
     span_payload,
     split_span_payload,
     spool_size,
+    sweep_writer_locks,
+    take_writer_lock,
     write_cursor,
     write_dead_letter,
     writer_alive,
+    writer_lock_held,
+    writer_lock_name,
+    writer_segment_name,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,13 +273,151 @@ def test_scan_sealed_flag() -> None:
 
 
 def test_segment_names_round_trip_and_strangers_are_ignored() -> None:
-    """parse_segment_name inverts segment_name and rejects cursors, temp files and others."""
-    name = segment_name(123, 456789, 7)
-    assert name == "seg-123-456789-000007.spool"
-    assert parse_segment_name(name) == SegmentId(123, 456789, 7)
+    """parse_segment_name inverts both name formats and rejects cursors, locks, temp files."""
+    name = writer_segment_name("0123456789abcdef", 1, 7)
+    assert name == "seg-w0123456789abcdef-1-000007.spool"
+    assert parse_segment_name(name) == SegmentId(1, 0, 7, "0123456789abcdef")
+    assert SegmentId(1, 0, 7, "0123456789abcdef").name == name
+    legacy = segment_name(123, 456789, 7)
+    assert legacy == "seg-123-456789-000007.spool"
+    assert parse_segment_name(legacy) == SegmentId(123, 456789, 7)
     assert SegmentId(1, 2, 3).name == "seg-1-2-000003.spool"
-    for other in (name + ".cursor", name + ".tmp-1-2", "shipper.lock", "seg-1-2-3.spool", "x"):
+    for other in (name + ".cursor", legacy + ".tmp-1-2", "shipper.lock", "seg-1-2-3.spool", "x",
+                  writer_lock_name("0123456789abcdef"), "seg-w0123-1-000001.spool",
+                  "seg-wABCDEF0123456789-1-000001.spool"):
         assert parse_segment_name(other) is None
+
+
+def test_writer_ids_differ_between_writers_and_processes(tmp_path: Path) -> None:
+    """Two writers, even in one process, and a forked child each get their own random id."""
+    a, b = SegmentWriter(tmp_path), SegmentWriter(tmp_path)
+    a.append(encode_frame(KIND_SPAN, b"a"))
+    b.append(encode_frame(KIND_SPAN, b"b"))
+    assert a.writer_id and b.writer_id and a.writer_id != b.writer_id
+    assert len({s.writer for _, s in list_segments(tmp_path)}) == 2
+
+
+def test_writer_alive_is_its_lock_across_fork_and_death(tmp_path: Path) -> None:
+    """A writer is alive exactly while its lock is held: the parent stays alive when a forked
+    child (which inherited the lock descriptor) exits via os._exit, and the child is dead then."""
+    w = SegmentWriter(tmp_path)
+    w.append(encode_frame(KIND_SPAN, b"parent"))
+    r, wr = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.close(go_w)
+            w.append(encode_frame(KIND_SPAN, b"child"))
+            os.write(wr, b"x")  # written: the child's segment and lock exist
+            os.read(go_r, 1)  # until the parent says go (closes its end)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wr)
+    os.close(go_r)
+    assert os.read(r, 1) == b"x", "the child never wrote"
+    os.close(r)
+    segs = {s.writer: s for _, s in list_segments(tmp_path)}
+    assert len(segs) == 2
+    mine = w.writer_id or ""
+    parent, child = segs[mine], next(s for k, s in segs.items() if k != mine)
+    assert writer_alive(parent) and writer_alive(child)
+    os.close(go_w)
+    assert _reap(pid) == 0
+    assert writer_alive(parent), "the child's exit released the parent's lock"
+    assert not writer_alive(child)
+    w.close()
+    assert writer_alive(parent), "a closed writer may append again: it stays alive"
+    del w
+    gc.collect()
+    assert not writer_alive(parent), "a collected writer released its lock"
+
+
+def test_writer_alive_sees_a_writer_killed_in_another_pid_namespace(tmp_path: Path) -> None:
+    """A writer in another pid namespace is alive while it runs and dead once SIGKILLed."""
+    if subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("unshare --pid is not allowed here (needs root)")
+    code = textwrap.dedent(f"""
+        import sys, time
+        from tracing._spool import SegmentWriter, encode_frame, KIND_SPAN
+        w = SegmentWriter({str(tmp_path)!r})
+        w.append(encode_frame(KIND_SPAN, b"x" * 20))
+        w.append(encode_frame(KIND_SPAN, b"y" * 20)[:9])  # a torn tail, as if killed mid-write
+        print(w.writer_id, flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        writer = proc.stdout.readline().strip()
+        assert writer, "the writer in the other namespace printed no id"
+        (seg,) = [s for _, s in list_segments(tmp_path)]
+        assert seg.writer == writer and seg.pid == 1  # pid 1 in its namespace: not ours
+        assert writer_alive(seg)
+        assert scan_file(tmp_path / seg.name).torn_tail
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # unshare is reaped; its child (pid 1 over there) finishes dying on its own schedule.
+    deadline = time.monotonic() + 10
+    while writer_alive(seg):
+        assert time.monotonic() < deadline, "the killed writer's lock was never released"
+        time.sleep(0.02)
+    remove_segment(tmp_path / seg.name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "the dead writer's lock stayed"
+
+
+def test_a_lock_file_never_appears_unlocked(tmp_path: Path) -> None:
+    """take_writer_lock publishes the lock file already locked, and strays of dead writers are
+    swept while a live writer's lock, or a fresh temporary one, is kept."""
+    fd = take_writer_lock(tmp_path, "00000000000000aa")
+    assert writer_lock_held(tmp_path / writer_lock_name("00000000000000aa"))
+    dead = take_writer_lock(tmp_path, "00000000000000bb")
+    os.close(dead)
+    fresh_tmp = tmp_path / ".writer-00000000000000cc.lock.tmp"
+    fresh_tmp.write_text("")
+    old_tmp = tmp_path / ".writer-00000000000000dd.lock.tmp"
+    old_tmp.write_text("")
+    os.utime(old_tmp, (time.time() - 3600, time.time() - 3600))
+    assert sweep_writer_locks(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [writer_lock_name("00000000000000aa"), fresh_tmp.name])
+    os.close(fd)
+
+
+def test_a_writer_whose_lock_file_was_deleted_takes_a_new_id(tmp_path: Path) -> None:
+    """If its lock file is deleted under it, the writer's next segment comes with a new id and
+    lock, so readers never take it for dead."""
+    w = SegmentWriter(tmp_path, max_segment_bytes=10)
+    w.append(encode_frame(KIND_SPAN, b"one"))
+    first = w.writer_id
+    assert first is not None
+    (tmp_path / writer_lock_name(first)).unlink()
+    w.append(encode_frame(KIND_SPAN, b"two"))  # rotates: a new segment
+    assert w.writer_id != first
+    segs = {s.writer: s for _, s in list_segments(tmp_path)}
+    second = w.writer_id or ""
+    assert set(segs) == {first, second}
+    assert writer_alive(segs[second]) and not writer_alive(segs[first])
+    w.close()
+
+
+def test_legacy_segments_are_listed_with_pid_liveness(tmp_path: Path) -> None:
+    """A segment named by an earlier version is listed and judged by its pid and start time."""
+    me = process_start_time(os.getpid())
+    if me is None:
+        pytest.skip("needs /proc")
+    (tmp_path / segment_name(os.getpid(), me, 1)).write_bytes(encode_frame(KIND_SPAN, b"a"))
+    (tmp_path / segment_name(os.getpid(), me + 1, 2)).write_bytes(encode_frame(KIND_SPAN, b"b"))
+    alive = {s.starttime: writer_alive(s) for _, s in list_segments(tmp_path)}
+    assert alive == {me: True, me + 1: False}
 
 
 def test_parse_proc_stat_with_hostile_comm() -> None:
@@ -396,9 +540,10 @@ def test_writer_is_lazy_and_creates_0600_files_in_a_0700_dir(tmp_path: Path) -> 
     path = w.current_path
     assert path is not None and stat.S_IMODE(path.stat().st_mode) == 0o600
     seg = parse_segment_name(path.name)
-    assert seg is not None and seg.pid == os.getpid()
-    if process_start_time(os.getpid()) is not None:
-        assert seg.starttime == process_start_time(os.getpid())
+    assert seg is not None and seg.pid == os.getpid() and seg.writer == w.writer_id
+    lock = spool / writer_lock_name(seg.writer)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    assert sorted(p.name for p in spool.iterdir()) == sorted([path.name, lock.name])
     w.close()
 
 
@@ -585,7 +730,9 @@ def test_spool_size_counts_unshipped_bytes_and_remove_segment(tmp_path: Path) ->
     w.close()
     path = list_segments(tmp_path)[0][0]
     remove_segment(path)
-    assert list(tmp_path.iterdir()) == [] and spool_size(tmp_path) == 0
+    # Only the live writer's lock is left: it may append again.
+    assert [p.name for p in tmp_path.iterdir()] == [writer_lock_name(w.writer_id or "")]
+    assert spool_size(tmp_path) == 0
     remove_segment(path)  # idempotent
 
 

@@ -9,21 +9,50 @@ Directory layout
 ::
 
     {spool_dir}/                              0700, created with its parents on first use
-        seg-{pid}-{starttime}-{seq:06d}.spool     segments: append-only record logs, 0600
+        seg-w{writer}-{pid}-{seq:06d}.spool       segments: append-only record logs, 0600
         seg-....spool.cursor                      shipper's committed offset in that segment
+        writer-{writer}.lock                      flock()ed (LOCK_EX) by its live writer, 0600
+        .writer-{writer}.lock.tmp                 the same, for the instant before its rename
         shipper.lock                              flock()ed by the one running shipper
         dead-letter/                              0700, created when first needed
             dl-{time_ns}-{pid}-{n}.spool          records Langfuse refused (same framing)
             dl-{time_ns}-{pid}-{n}.reason.json    why: {"reason", "time", "time_iso", "count"}
 
-A segment is named after the process that writes it: ``pid`` plus the process start time
-(``/proc/{pid}/stat`` field 22, clock ticks since boot), so a reused pid never collides with a
-dead writer's files and ``writer_alive()`` can tell a live writer from a recycled pid. Without
-/proc, the start time is the wall clock in ms when the process opened its first segment and
-liveness falls back to ``kill(pid, 0)``. ``seq`` grows monotonically within a process. A spool
-directory belongs to one host, one pid namespace and one user, on a local filesystem (flock
-and pid liveness mean nothing across hosts or containers; files are 0600 so only their owner's
-shipper can read them).
+A segment is named after the writer that appends to it. ``writer`` is 16 lowercase hex digits
+from ``os.urandom``, drawn when a ``SegmentWriter`` opens its first segment (a forked child draws
+its own), so names cannot collide between processes, pid namespaces (containers) or hosts
+sharing the directory; ``pid`` is the writer's pid in its own namespace, for humans only;
+``seq`` grows monotonically within a process. Earlier versions named segments
+``seg-{pid}-{starttime}-{seq:06d}.spool`` (``starttime``: ``/proc/{pid}/stat`` field 22): such
+segments are still listed, adopted and shipped, with the liveness rule they were written for.
+
+Liveness
+--------
+A writer is *alive* while it holds an exclusive ``flock`` on ``writer-{writer}.lock``; nothing
+else (no pid) decides. The writer creates and locks the file under its temporary name and then
+renames it into place, before creating its first segment, so no reader ever sees the lock file of
+a live writer unlocked. It keeps the descriptor open for as long as it may append (until the
+``SegmentWriter`` is garbage-collected or its process ends); the kernel releases the lock when
+the process dies, however it dies (SIGKILL, ``os._exit``, OOM kill) and in whatever pid
+namespace. ``writer_alive(segment)`` is the one liveness test (the shipper and the attempt index
+ask nothing else): it opens the lock file and tries a non-blocking ``LOCK_SH``. Refused: alive.
+Granted, or no lock file: dead. Any other error: alive (never cut or delete what may still be
+written). A forked child *closes* its inherited copy of the parent's lock descriptor (``LOCK_UN``
+would release the lock the two share) and takes a lock of its own on its first write; a child
+forked at C level without Python's at-fork hooks keeps the parent looking alive until it
+writes or exits. A writer whose lock file was deleted under it (the directory cleaned up)
+notices at its next segment and takes a new id. ``remove_segment`` removes a dead writer's lock
+file with its last segment; ``sweep_writer_locks`` (run when a shipper takes the spool) removes
+strays. Legacy ``seg-{pid}-{starttime}-...`` segments are alive while ``/proc/{pid}/stat`` shows
+the same start time and no zombie (``kill(pid, 0)`` without /proc), which means something only
+in the pid namespace that wrote them: do not share one spool between containers running an
+earlier version and this one.
+
+A spool directory may be shared by several containers (pid namespaces) on one host, through a
+local filesystem they all mount (a bind mount or a local volume): ``flock`` works between them.
+It must not be shared between hosts (flock over NFS is emulated per client, so liveness and the
+one-shipper rule would fail silently). Files are 0600, so every writer sharing a spool must run
+as the same user as its shipper.
 
 Record framing
 --------------
@@ -96,6 +125,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import struct
 import threading
@@ -103,7 +133,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeAlias
 
@@ -144,9 +174,14 @@ __all__ = [
     "span_payload",
     "split_span_payload",
     "spool_size",
+    "sweep_writer_locks",
+    "take_writer_lock",
     "write_cursor",
     "write_dead_letter",
     "writer_alive",
+    "writer_lock_held",
+    "writer_lock_name",
+    "writer_segment_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,7 +210,12 @@ LOCK_NAME = "shipper.lock"
 DEAD_LETTER_NAME = "dead-letter"
 _REASON_SUFFIX = ".reason.json"
 
-_SEGMENT_RE = re.compile(r"seg-([0-9]+)-([0-9]+)-([0-9]{6,})\.spool")
+WRITER_LOCK_PREFIX = "writer-"
+WRITER_LOCK_SUFFIX = ".lock"
+_LOCK_TMP_SUFFIX = ".tmp"
+
+_SEGMENT_RE = re.compile(r"seg-w([0-9a-f]{16})-([0-9]+)-([0-9]{6,})\.spool")
+_LEGACY_SEGMENT_RE = re.compile(r"seg-([0-9]+)-([0-9]+)-([0-9]{6,})\.spool")
 _HAVE_PROC = os.path.exists("/proc/self/stat")
 
 
@@ -414,29 +454,68 @@ def dead_letter_dir(spool_dir: StrPath) -> Path:
 
 @dataclass(frozen=True, order=True)
 class SegmentId:
-    """Who wrote a segment (pid + process start time) and its sequence number in that process."""
+    """Who wrote a segment and its sequence number.
+
+    ``writer`` is the writer's random id, whose liveness is the lock file ``lock_path`` in
+    ``directory`` (set by ``list_segments``); ``pid`` is then only for humans. For a segment
+    named in the format of earlier versions ``writer`` is empty and the writer is the process
+    ``pid`` started at ``starttime`` (liveness from /proc, see the module docstring).
+    """
 
     pid: int
     starttime: int
     seq: int
+    writer: str = ""
+    directory: Path | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
         """The segment's file name."""
+        if self.writer:
+            return writer_segment_name(self.writer, self.pid, self.seq)
         return segment_name(self.pid, self.starttime, self.seq)
+
+    @property
+    def lock_path(self) -> Path | None:
+        """``{directory}/writer-{writer}.lock``; None for a legacy name or without a directory."""
+        if not self.writer or self.directory is None:
+            return None
+        return self.directory / writer_lock_name(self.writer)
+
+
+def writer_segment_name(writer: str, pid: int, seq: int) -> str:
+    """``seg-w{writer}-{pid}-{seq:06d}.spool``: the name of every segment written now."""
+    return f"seg-w{writer}-{pid}-{seq:06d}{SEGMENT_SUFFIX}"
 
 
 def segment_name(pid: int, starttime: int, seq: int) -> str:
-    """``seg-{pid}-{starttime}-{seq:06d}.spool``."""
+    """``seg-{pid}-{starttime}-{seq:06d}.spool``: the pid-based name of earlier versions.
+
+    Never written any more; still parsed, adopted and shipped (and handy in tests to fake a
+    segment whose writer is dead).
+    """
     return f"seg-{pid}-{starttime}-{seq:06d}{SEGMENT_SUFFIX}"
 
 
-def parse_segment_name(name: str) -> SegmentId | None:
-    """Parse a segment file name; None for anything else (cursors, temp files, strangers)."""
+def writer_lock_name(writer: str) -> str:
+    """``writer-{writer}.lock``: the file a live writer keeps ``flock``ed."""
+    return f"{WRITER_LOCK_PREFIX}{writer}{WRITER_LOCK_SUFFIX}"
+
+
+def parse_segment_name(name: str, directory: StrPath | None = None) -> SegmentId | None:
+    """Parse a segment file name; None for anything else (cursors, locks, temp files, strangers).
+
+    ``directory`` (the spool the file is in) is what ``writer_alive`` needs to find the
+    writer's lock file; ``list_segments`` always passes it.
+    """
+    where = Path(directory) if directory is not None else None
     m = _SEGMENT_RE.fullmatch(name)
+    if m is not None:
+        return SegmentId(int(m.group(2)), 0, int(m.group(3)), m.group(1), where)
+    m = _LEGACY_SEGMENT_RE.fullmatch(name)
     if m is None:
         return None
-    return SegmentId(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    return SegmentId(int(m.group(1)), int(m.group(2)), int(m.group(3)), "", where)
 
 
 def _parse_proc_stat(raw: bytes) -> tuple[str, int] | None:
@@ -471,7 +550,54 @@ def process_start_time(pid: int) -> int | None:
 
 
 def writer_alive(seg: SegmentId) -> bool:
-    """True if the process that wrote ``seg`` still runs (same pid AND same start time)."""
+    """True if the writer of ``seg`` may still append to it: THE liveness test of the spool.
+
+    The shipper (torn tails, deleting finished segments) and the attempt index (orphans) ask
+    only this. A writer-id segment's writer is alive while its lock file is ``flock``ed; a
+    legacy segment's while its pid runs with the same start time (see the module docstring).
+    """
+    if seg.writer:
+        lock = seg.lock_path
+        if lock is None:
+            raise ValueError(
+                f"writer_alive({seg.name}) needs the segment's directory: use list_segments or "
+                "parse_segment_name(name, directory)"
+            )
+        return writer_lock_held(lock)
+    return _legacy_writer_alive(seg)
+
+
+def writer_lock_held(lock: StrPath) -> bool:
+    """True if some process holds ``lock`` (a writer lock file) with an exclusive ``flock``.
+
+    A non-blocking ``LOCK_SH`` attempt on our own descriptor, closed at once: refused means a
+    writer holds it; granted, or no such file, means its writer is gone. Shared, so that
+    concurrent readers (or a descriptor a fork happened to copy mid-test) never make each
+    other look like writers. Any other error answers True: never cut or delete what may
+    still be written.
+    """
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        log.debug("cannot open writer lock %s (%s); assuming its writer is alive", lock, e)
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as e:
+        log.debug("cannot test writer lock %s (%s); assuming its writer is alive", lock, e)
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _legacy_writer_alive(seg: SegmentId) -> bool:
+    # Earlier versions' names: same pid AND same start time. Meaningful only in the pid
+    # namespace that wrote the segment.
     if seg.pid <= 0:  # kill(0, ...) would address our own process group
         return False
     if _HAVE_PROC:
@@ -490,20 +616,102 @@ def writer_alive(seg: SegmentId) -> bool:
     return True
 
 
-_own_start: tuple[int, int] | None = None  # (pid, start time) of this process, cached
+def take_writer_lock(spool_dir: StrPath, writer: str) -> int:
+    """Create ``writer-{writer}.lock`` already locked (``LOCK_EX``); return its descriptor.
+
+    Created and locked under a temporary name, then renamed into place: no reader ever sees
+    the file unlocked while its writer lives. The caller keeps the descriptor open for as long
+    as it may append (closing it is what releases the lock; the kernel does that at death).
+    """
+    final = Path(spool_dir) / writer_lock_name(writer)
+    tmp = final.with_name(f".{final.name}{_LOCK_TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # For humans wondering who writes; the lock itself is the flock.
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        _write_all(fd, json.dumps(info).encode("utf-8"))
+        os.rename(tmp, final)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fd
 
 
-def _own_start_time() -> int:
-    global _own_start
-    pid = os.getpid()
-    cached = _own_start
-    if cached is None or cached[0] != pid:  # first call, or we are a forked child
-        st = process_start_time(pid)
-        if st is None:
-            st = time.time_ns() // 1_000_000  # no /proc: "time of first segment open in ms"
-        cached = (pid, st)
-        _own_start = cached
-    return cached[1]
+def _lock_file_is(fd: int, path: Path) -> bool:
+    """True if ``path`` is still the file open on ``fd`` (not deleted or replaced)."""
+    try:
+        a, b = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def sweep_writer_locks(spool_dir: StrPath, *, tmp_grace: float = 60.0) -> int:
+    """Remove lock files of dead writers that have no segment left; return how many.
+
+    ``remove_segment`` already removes a writer's lock with its last segment; this catches
+    strays (a writer killed between taking its lock and creating its first segment, or
+    between creating the temporary lock file and renaming it, which is only removed once it
+    is ``tmp_grace`` seconds old so a writer in the middle of those steps is never robbed).
+    """
+    d = Path(spool_dir)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return 0
+    writing = set()
+    for name in names:
+        seg = parse_segment_name(name)
+        if seg is not None and seg.writer:
+            writing.add(seg.writer)
+    removed = 0
+    now = time.time()
+    for name in names:
+        path = d / name
+        if name.startswith(WRITER_LOCK_PREFIX) and name.endswith(WRITER_LOCK_SUFFIX):
+            writer = name[len(WRITER_LOCK_PREFIX) : -len(WRITER_LOCK_SUFFIX)]
+            if writer in writing or writer_lock_held(path):
+                continue
+        elif name.startswith("." + WRITER_LOCK_PREFIX) and name.endswith(_LOCK_TMP_SUFFIX):
+            try:
+                if now - path.stat().st_mtime < tmp_grace or writer_lock_held(path):
+                    continue
+            except FileNotFoundError:
+                continue
+        else:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed += 1
+    return removed
+
+
+def _drop_writer_lock_if_done(segment: Path) -> None:
+    """After a segment is removed: remove its writer's lock if the writer is dead and has no
+    other segment here (so lock files do not pile up, one per recycled pool child)."""
+    seg = parse_segment_name(segment.name, segment.parent)
+    if seg is None or not seg.writer:
+        return
+    prefix = f"seg-w{seg.writer}-"
+    try:
+        if any(n.startswith(prefix) and n.endswith(SEGMENT_SUFFIX)
+               for n in os.listdir(segment.parent)):
+            return
+    except FileNotFoundError:
+        return
+    lock = seg.lock_path
+    if lock is not None and not writer_lock_held(lock):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+
+
+def new_writer_id() -> str:
+    """16 lowercase hex digits from ``os.urandom``: unique across processes, pid namespaces
+    and hosts sharing a spool directory (a collision needs about 2**32 writers)."""
+    return os.urandom(8).hex()
 
 
 # A per-process counter, so every segment a process creates gets a larger seq than the last
@@ -528,7 +736,7 @@ def list_segments(spool_dir: StrPath) -> list[tuple[Path, SegmentId]]:
     except FileNotFoundError:
         return []
     for entry in entries:
-        seg = parse_segment_name(entry.name)
+        seg = parse_segment_name(entry.name, spool_dir)
         if seg is None:
             continue
         try:
@@ -593,6 +801,7 @@ def remove_segment(segment: StrPath) -> None:
         os.unlink(segment)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(cursor_path(segment))
+    _drop_writer_lock_if_done(Path(segment))
 
 
 def spool_size(spool_dir: StrPath) -> int:
@@ -637,8 +846,11 @@ def _register_after_fork_in_child(method: Callable[[], None]) -> None:
 class SegmentWriter:
     """Appends already-encoded frames to this process's current segment, rotating by size.
 
-    Thread-safe. Fork-safe: a child never writes through the parent's descriptor. OSError from
-    the disk propagates; the caller logs and counts it (tracing must never fail a task).
+    Thread-safe. Fork-safe: a child never writes through the parent's descriptor, nor holds
+    the parent's writer lock. From before its first segment exists until it is garbage-collected
+    or its process dies, a writer holds ``writer-{id}.lock`` (see Liveness in the module
+    docstring). OSError from the disk propagates; the caller logs and counts it (tracing must
+    never fail a task).
     """
 
     def __init__(
@@ -656,7 +868,15 @@ class SegmentWriter:
         self._path: Path | None = None
         self._size = 0
         self._torn = False  # a partial frame was left in the current segment
+        self._writer: str | None = None  # random id, drawn with the writer lock
+        self._lock_fd: int | None = None
+        self._lock_release: weakref.finalize | None = None
         _register_after_fork_in_child(self._after_fork_in_child)
+
+    @property
+    def writer_id(self) -> str | None:
+        """This writer's id (in its segment names and lock file), None before the first append."""
+        return self._writer
 
     @property
     def current_path(self) -> Path | None:
@@ -711,12 +931,39 @@ class SegmentWriter:
             self._torn = True
         self._size = actual
 
+    def _hold_writer_lock(self) -> str:
+        """Our writer id, with its lock file held; a new id if the file vanished under us."""
+        writer, fd = self._writer, self._lock_fd
+        if writer is not None and fd is not None:
+            if _lock_file_is(fd, self.spool_dir / writer_lock_name(writer)):
+                return writer
+            # Deleted (the directory was cleaned up under us): readers would think us dead.
+            self._drop_writer_lock()
+        writer = new_writer_id()
+        fd = take_writer_lock(self.spool_dir, writer)
+        self._writer, self._lock_fd = writer, fd
+        self._lock_release = weakref.finalize(self, _close_quietly, fd)
+        return writer
+
+    def _drop_writer_lock(self) -> None:
+        release, self._lock_release = self._lock_release, None
+        self._writer, self._lock_fd = None, None
+        if release is not None:
+            release()
+
     def _open_segment(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        start = _own_start_time()
         recreated_dir = False
         while True:
-            path = self.spool_dir / segment_name(self._pid, start, _next_seq())
+            try:
+                writer = self._hold_writer_lock()
+            except FileNotFoundError:
+                if recreated_dir:
+                    raise
+                ensure_spool_dir(self.spool_dir)
+                recreated_dir = True
+                continue
+            path = self.spool_dir / writer_segment_name(writer, self._pid, _next_seq())
             try:
                 # O_EXCL: a segment is only ever written by the writer that created it, even
                 # with several writers in one process.
@@ -749,16 +996,27 @@ class SegmentWriter:
             os.close(fd)
 
     def _after_fork_in_child(self) -> None:
-        # The child inherited the parent's descriptor: close our copy (the parent keeps
-        # writing through its own) without sealing, and start over under the child's pid.
-        # The lock may have been held by a parent thread that does not exist in the child.
+        # The child inherited the parent's descriptors: close our copies (the parent keeps
+        # writing through its own) without sealing, and start over under a writer id of its
+        # own. Closing, never LOCK_UN, the writer lock: flock locks belong to the open file,
+        # which parent and child share, so LOCK_UN here would make the parent look dead.
+        # The mutex may have been held by a parent thread that does not exist in the child.
         self._lock = threading.Lock()
         fd = self._fd
         self._fd, self._path, self._size, self._torn = None, None, 0, False
         self._pid = os.getpid()
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        lock_fd, release = self._lock_fd, self._lock_release
+        self._writer, self._lock_fd, self._lock_release = None, None, None
+        if release is not None:
+            release.detach()  # the parent's finalizer must not run (again) in the child
+        for inherited in (fd, lock_fd):
+            if inherited is not None:
+                _close_quietly(inherited)
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 _SEAL_FRAME = encode_frame(KIND_SEAL, b"")
@@ -812,6 +1070,10 @@ class ShipperLock:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:
+            sweep_writer_locks(self.spool_dir)  # strays of writers that died before writing
+        except OSError as e:
+            log.debug("could not sweep writer locks in %s: %s", self.spool_dir, e)
         return True
 
     def release(self) -> None:
