@@ -1,26 +1,23 @@
 """Real processes the benchmark drives: a private redis-server, celery workers, a receiver.
 
-The Redis server and worker processes are the test suite's (``tests/support.py``): every
-process starts in its own session on a free loopback port, is waited on by what it prints or
-answers, and is killed (its whole process group) when the benchmark is done with it.
+They come from the repository's one process harness (``harness``, shared with the tests and
+``make demo``; the benchmarks never import ``tests``): every process starts in its own session
+on a free loopback port, is waited on by what it prints or answers, and is killed (its whole
+process group) when the benchmark is done with it. Only the memory readings are the
+benchmark's own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT, RedisServer, WorkerProcess, free_port
+from harness import ROOT, HarnessError, RedisServer, WorkerProcess
+from harness import ReceiverProcess as _Receiver
 
 __all__ = ["ROOT", "ReceiverProcess", "RedisServer", "Worker"]
+
 
 class Worker(WorkerProcess):
     """A prefork worker on the benchmark's queue (``BENCH_QUEUE``), with memory readings."""
@@ -44,11 +41,24 @@ class Worker(WorkerProcess):
         """Warm shutdown (SIGTERM); None if it had to be SIGKILLed after ``timeout``."""
         try:
             return super().stop(timeout)
-        except AssertionError:
+        except HarnessError:
             return None
 
     def kill(self) -> None:
         self.kill_group()
+
+
+class ReceiverProcess(_Receiver):
+    """The receiver (or ``bench._sink``) in its own process (own GIL), with the counters the
+    benchmark reads."""
+
+    def sink_stats(self) -> dict[str, int]:
+        return dict(self.get_json("/_sink/stats"))
+
+    def accepted_span_ids(self) -> list[str]:
+        """Span ids of every request answered 200 (duplicates included)."""
+        requests: list[dict[str, Any]] = self.get_json("/_receiver/requests")
+        return [span_id for r in requests if r["status"] == 200 for span_id in r["span_ids"]]
 
 
 def children_of(pid: int) -> list[int]:
@@ -67,41 +77,3 @@ def vm_rss_kib(pid: int) -> int:
     except OSError:
         pass
     return 0
-
-
-class ReceiverProcess:
-    """``python -m tracing.testing`` (or ``bench._sink``) in its own process: own GIL."""
-
-    def __init__(self, public_key: str, secret_key: str, module: str = "tracing.testing") -> None:
-        self.port = free_port()
-        self.public_key, self.secret_key = public_key, secret_key
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", str(self.port),
-             "--public-key", public_key, "--secret-key", secret_key],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if "listening" not in line:
-            self.stop()
-            raise RuntimeError(f"receiver did not start: {line!r}")
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.base_url + path, timeout=120) as response:
-            return json.loads(response.read())
-
-    def sink_stats(self) -> dict[str, int]:
-        return dict(self._get("/_sink/stats"))
-
-    def accepted_span_ids(self) -> list[str]:
-        """Span ids of every request answered 200 (duplicates included)."""
-        return [span_id for r in self._get("/_receiver/requests") if r["status"] == 200
-                for span_id in r["span_ids"]]
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(30)

