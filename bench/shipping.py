@@ -95,7 +95,7 @@ class DiscardTransport:
         self.bodies = 0
 
     def send(self, body: bytes, timeout: float) -> Any:
-        from tracing._shipper import SendResult
+        from tracing._delivery import SendResult
 
         gzip.compress(body, compresslevel=5)
         self.bodies += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,11 +21,13 @@ from langfuse._client.resource_manager import LangfuseResourceManager
 from opentelemetry.sdk.trace import TracerProvider
 
 from tracing import load_config
+from tracing._delivery import SendResult
 from tracing._exporter import SpoolExporter
 from tracing._shipper import Shipper
 from tracing._spool import (
     KIND_SPAN,
     SegmentWriter,
+    ShipperLock,
     list_segments,
     read_dead_letters,
     scan_file,
@@ -201,3 +204,37 @@ def test_closing_span_keeps_a_non_error_end_out_of_error_status():
     assert revoked.attributes["langfuse.observation.metadata.final_state"] == '"REVOKED"'
     lost = closing_span(attempt, "worker lost")
     assert lost.status.status_code is StatusCode.ERROR
+
+
+def test_stop_keeps_the_lock_while_a_send_is_still_in_flight(receiver, spool, make_spans):
+    """A stop whose join times out mid-send keeps the spool lock until that send ends, so a
+    second shipper cannot send the same records (issue 12)."""
+    make_spans(3)
+    entered, release = threading.Event(), threading.Event()
+
+    class Stuck:
+        def send(self, body: bytes, timeout: float) -> SendResult:
+            entered.set()
+            release.wait(10)
+            return SendResult(200)
+
+        def close(self) -> None:
+            pass
+
+    config = load_config(environ={}, public_key=receiver.public_key,
+                         secret_key=receiver.secret_key, base_url=receiver.base_url,
+                         spool_dir=str(spool), http_timeout=0.1)
+    shipper = Shipper(config, SpoolExporter(SegmentWriter(spool)), transport=Stuck())
+    shipper.start()
+    assert entered.wait(5)
+    shipper.stop(0.1)  # returns with the thread still inside send()
+    other = ShipperLock(spool)
+    try:
+        assert not other.acquire(), "lock released while a send was in flight"
+        release.set()
+        assert shipper._thread is not None
+        shipper._thread.join(5)
+        assert other.acquire()
+    finally:
+        release.set()
+        other.release()

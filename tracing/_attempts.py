@@ -21,11 +21,12 @@ its memory is bounded by the tasks in flight, not by the tasks run.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,8 +139,11 @@ class _Tracked:
 class AttemptIndex:
     """Attempts opened in a spool and not yet closed, read incrementally from the segments."""
 
-    def __init__(self, spool_dir: Path) -> None:
+    def __init__(
+        self, spool_dir: Path, alive: Callable[[SegmentId], bool] = writer_alive
+    ) -> None:
         self.spool_dir = spool_dir
+        self.alive = alive
         self._read_to: dict[Path, int] = {}
         self._open: dict[str, _Tracked] = {}
         # When each dead writer was first seen dead. Writers already dead when this index was
@@ -227,7 +231,7 @@ class AttemptIndex:
     def _dead_since_for(self, item: _Tracked, now: float) -> float | None:
         if item.writer in self._dead_since:
             return self._dead_since[item.writer]
-        if writer_alive(item.writer):
+        if self.alive(item.writer):
             return None
         since = now
         if not self._seen_live_pass:
@@ -245,3 +249,63 @@ class AttemptIndex:
     def open_attempts(self) -> Iterable[OpenAttempt]:
         with self._lock:
             return [tracked.attempt for tracked in self._open.values()]
+
+
+WORKER_LOST = (
+    "worker lost: the process running this task exited before it finished "
+    "(SIGKILL, OOM kill or crash); its outcome is unknown"
+)
+
+
+class AttemptCloser:
+    """Writes the closing observation of attempts whose process died, once per task id.
+
+    ``write`` appends one ready frame to the spool (the process's own exporter), so whoever
+    calls :meth:`close` — the main process on Celery's signal, or the shipper for orphans —
+    only writes a local record; the shipper ships it like any other span.
+    """
+
+    def __init__(self, index: AttemptIndex, write: Callable[[bytes], object]) -> None:
+        self.index = index
+        self.write = write
+        self.closed_count = 0
+        self._closed_tasks: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def close(
+        self, task_id: str, reason: str, *, level: str = "ERROR", final_state: str = "FAILURE"
+    ) -> bool:
+        """Close ``task_id``'s open attempt; False if the spool holds none for it."""
+        with self._lock:
+            if task_id in self._closed_tasks:
+                return True
+            self.index.refresh()
+            attempt = self.index.find_task(task_id)
+            if attempt is None:
+                return False
+            self._write_closing(attempt, reason, level, final_state)
+        return True
+
+    def close_orphans(self, dead_for: float) -> bool:
+        """Close attempts whose writer has been dead ``dead_for`` s; True if there were any."""
+        orphans = self.index.orphans(dead_for)
+        with self._lock:
+            for attempt in orphans:
+                if attempt.task_id in self._closed_tasks:
+                    self.index.mark_closed(attempt.span_id)
+                    continue
+                self._write_closing(attempt, WORKER_LOST, "ERROR", "FAILURE")
+        return bool(orphans)
+
+    def _write_closing(
+        self, attempt: OpenAttempt, reason: str, level: str, final_state: str
+    ) -> None:
+        from tracing._exporter import span_frame
+
+        self.write(span_frame(closing_span(attempt, reason, level=level,
+                                           final_state=final_state)))
+        self.index.mark_closed(attempt.span_id)
+        self.closed_count += 1
+        self._closed_tasks[attempt.task_id] = None
+        while len(self._closed_tasks) > 10_000:
+            self._closed_tasks.popitem(last=False)

@@ -1,0 +1,219 @@
+"""Reading the spool for the shipper: cursors, windows, corrupt and torn records, cap, clean-up.
+
+Built on ``_spool``'s framing (``scan_file``), names (``list_segments``), cursors and dead
+letters; the one question about a writer it asks is ``alive(segment)`` (``_spool.writer_alive``
+unless the caller passes another), so liveness is one seam.
+
+* **Cursors**: each segment's committed offset, read once and then kept in memory; ``commit``
+  moves them forward only (atomic file replace).
+* **Windows**: a segment is scanned about one batch's worth of bytes past its cursor, never
+  whole (re-reading an 8 MiB segment per 3 MiB batch halved shipping throughput); a window
+  holding no whole record (one huge record) is widened.
+* **Corrupt bytes** (bad checksum) go to ``dead-letter/`` and are counted; a **torn tail**
+  (the last record, unfinished) is cut and counted only when its writer is dead and the
+  window reached the end of the file.
+* **Cap**: past ``max_bytes`` unshipped, the oldest records are skipped, counted and logged.
+* **Clean-up**: a finished (sealed, or writer dead), fully shipped segment is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tracing._spool import (
+    KIND_SEAL,
+    KIND_SPAN,
+    ScanResult,
+    SegmentId,
+    encode_frame,
+    list_segments,
+    read_cursor,
+    remove_segment,
+    scan_file,
+    write_cursor,
+    write_dead_letter,
+    writer_alive,
+)
+from tracing._status import ShipperStats
+
+logger = logging.getLogger("celery_langfuse")
+
+WINDOW_SLACK = 256 * 1024  # read past a full batch, so the record ending it is whole
+_SEAL = encode_frame(KIND_SEAL, b"")
+
+
+@dataclass
+class Item:
+    """A run of spool bytes that becomes done together: one span record, or bytes to skip."""
+
+    path: Path
+    end: int
+    payload: bytes | None = None
+
+
+def is_sealed(path: Path) -> bool:
+    """True if the segment ends in the seal frame: its writer will never append again."""
+    with path.open("rb") as handle:
+        handle.seek(max(0, path.stat().st_size - len(_SEAL)))
+        return handle.read() == _SEAL
+
+
+class SpoolReader:
+    """The shipper's view of one spool directory."""
+
+    def __init__(
+        self, spool_dir: Path, stats: ShipperStats, *, batch_max_spans: int = 1000,
+        batch_max_bytes: int = 3 * 1024 * 1024,
+        alive: Callable[[SegmentId], bool] = writer_alive,
+    ) -> None:
+        self.spool_dir = spool_dir
+        self.stats = stats
+        self.batch_max_spans = batch_max_spans
+        self.batch_max_bytes = batch_max_bytes
+        self.alive = alive
+        self.pending = 0  # unshipped bytes as of the last ``pending_bytes`` call
+        self._cursors: dict[Path, int] = {}
+
+    def cursor(self, path: Path) -> int:
+        if path not in self._cursors:
+            self._cursors[path] = read_cursor(path)
+        return self._cursors[path]
+
+    def commit(self, items: Iterable[Item]) -> None:
+        """Mark ``items`` done: each segment's cursor moves to the furthest end among them."""
+        ends: dict[Path, int] = {}
+        for item in items:
+            ends[item.path] = max(ends.get(item.path, 0), item.end)
+        for path, end in ends.items():
+            if end > self.cursor(path):
+                self._cursors[path] = end
+                write_cursor(path, end)
+
+    def pending_bytes(self) -> int:
+        """Unshipped bytes over all segments (stats every segment; kept in ``pending``)."""
+        total = 0
+        for path, _ in list_segments(self.spool_dir):
+            try:
+                total += max(0, path.stat().st_size - self.cursor(path))
+            except FileNotFoundError:
+                continue
+        self.pending = total
+        return total
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[list[Item], bool]:
+        """The next records to send, oldest segment first, and whether they fill a batch."""
+        items: list[Item] = []
+        spans = size = 0
+        for path, segment in list_segments(self.spool_dir):
+            for item in self._segment_items(path, segment):
+                items.append(item)
+                if item.payload is not None:
+                    spans += 1
+                    size += len(item.payload)
+                if spans >= self.batch_max_spans or size >= self.batch_max_bytes:
+                    return items, True
+        return items, False
+
+    def _segment_items(self, path: Path, segment: SegmentId) -> list[Item]:
+        start = self.cursor(path)
+        try:
+            size = path.stat().st_size
+            if size <= start:
+                return []
+            result, cut_by_window = self._scan_window(path, start, size)
+        except FileNotFoundError:
+            return []
+        items = [Item(path, r.end, r.payload if r.kind == KIND_SPAN else None)
+                 for r in result.records]
+        for first, last in result.corrupt:
+            self._set_aside_corrupt(path, first, last)
+            items.append(Item(path, last))
+        items.sort(key=lambda item: item.end)
+        if result.torn_tail and not cut_by_window and not self.alive(segment):
+            items.append(self._cut_torn_tail(path, result.end))
+        return items
+
+    def _scan_window(self, path: Path, start: int, size: int) -> tuple[ScanResult, bool]:
+        window = self.batch_max_bytes + WINDOW_SLACK
+        while True:
+            result = scan_file(path, start, window)
+            cut_by_window = start + window < size
+            if result.records or result.corrupt or not cut_by_window:
+                return result, cut_by_window
+            window *= 2
+
+    def _set_aside_corrupt(self, path: Path, first: int, last: int) -> None:
+        with path.open("rb") as handle:
+            handle.seek(first)
+            raw = handle.read(last - first)
+        write_dead_letter(self.spool_dir, [raw], f"corrupt bytes {first}-{last} of {path.name}")
+        self.stats.corrupt_records += 1
+        logger.warning(
+            "celery-langfuse: %d corrupt bytes at offset %d of %s (bad checksum) set aside in "
+            "%s/dead-letter; the records around them are shipped", last - first, first,
+            path.name, self.spool_dir,
+        )
+
+    def _cut_torn_tail(self, path: Path, end: int) -> Item:
+        size = path.stat().st_size
+        self.stats.torn_tails += 1
+        logger.warning(
+            "celery-langfuse: %s ends in %d bytes of a record its dead writer did not finish "
+            "(killed mid-write); they are skipped", path.name, size - end,
+        )
+        return Item(path, size)
+
+    # -- cap and clean-up --------------------------------------------------------------------
+
+    def enforce_cap(self, max_bytes: int) -> None:
+        """Past ``max_bytes`` unshipped, skip the oldest records; count and log them."""
+        excess = self.pending_bytes() - max_bytes
+        if excess <= 0:
+            return
+        dropped_spans = dropped_bytes = 0
+        for path, _ in list_segments(self.spool_dir):
+            start = self.cursor(path)
+            records = scan_file(path, start).records
+            done = [r for r in records if r.end - start <= excess] or records[:1]
+            if not done:
+                continue
+            dropped_spans += sum(1 for r in done if r.kind == KIND_SPAN)
+            dropped_bytes += done[-1].end - start
+            self.commit([Item(path, done[-1].end)])
+            excess -= done[-1].end - start
+            if excess <= 0:
+                break
+        self.pending -= dropped_bytes
+        if not dropped_bytes:
+            return
+        self.stats.dropped_at_cap += dropped_spans
+        logger.warning(
+            "celery-langfuse: spool %s exceeded CELERY_LANGFUSE_SPOOL_MAX_BYTES=%d; dropped the "
+            "oldest %d span(s) (%d bytes), %d dropped so far. Check that Langfuse is reachable "
+            "or raise the cap.", self.spool_dir, max_bytes, dropped_spans, dropped_bytes,
+            self.stats.dropped_at_cap,
+        )
+
+    def delete_finished(self, keep: set[Path], has_read: Callable[[Path], bool]) -> None:
+        """Remove segments fully done that will never grow (sealed, or their writer dead).
+
+        ``keep``: segments still holding open attempts; ``has_read``: whether the attempt
+        index has read a segment to its end (so it never misses an open attempt in it).
+        """
+        for path, segment in list_segments(self.spool_dir):
+            if path in keep or not has_read(path):
+                continue
+            try:
+                if path.stat().st_size > self.cursor(path):
+                    continue
+                if not (is_sealed(path) or not self.alive(segment)):
+                    continue
+                remove_segment(path)
+            except FileNotFoundError:
+                pass
+            self._cursors.pop(path, None)

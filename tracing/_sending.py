@@ -1,0 +1,140 @@
+"""Sending one batch and acting on the verdict (``_delivery``): commit, split, dead-letter,
+pause or back off, with the log lines an operator needs and nothing more."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from tracing._config import Config
+from tracing._delivery import (
+    Backoff,
+    SendResult,
+    Verdict,
+    after_failure,
+    after_pause,
+    describe,
+    failure_kind,
+    split,
+    verdict,
+)
+from tracing._reader import Item, SpoolReader
+from tracing._spool import write_dead_letter
+from tracing._status import ShipperStats
+from tracing._transport import Transport
+
+logger = logging.getLogger("celery_langfuse")
+
+SPAN_IDS = 24  # a span record's payload starts with its 8-byte span id and 16-byte trace id
+
+
+def otlp_body(payload: bytes) -> bytes:
+    """The OTLP request bytes of one span record."""
+    return payload[SPAN_IDS:]
+
+
+class BatchSender:
+    """Sends batches of span records and applies the delivery rules to each answer."""
+
+    def __init__(
+        self, config: Config, transport: Transport, reader: SpoolReader, stats: ShipperStats,
+        *, clock: Callable[[], float] = time.monotonic,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.reader = reader
+        self.stats = stats
+        self.clock = clock
+        self.uniform = uniform
+        self.backoff = Backoff()
+        self._reported: set[str] = set()
+
+    def ready(self) -> bool:
+        return self.backoff.ready(self.clock())
+
+    def deliver(self, items: list[Item], deadline: float | None = None) -> bool:
+        """Send ``items``; True if all became done, False if shipping must wait."""
+        spans = [item for item in items if item.payload is not None]
+        if not spans:
+            self.reader.commit(items)
+            return True
+        body = b"".join(otlp_body(item.payload) for item in spans if item.payload)
+        result = self.transport.send(body, self._timeout(deadline))
+        self.stats.requests += 1
+        self.stats.last_status = result.status
+        rule = verdict(result, len(spans))
+        if rule is Verdict.DONE:
+            self._delivered(items, len(spans))
+            return True
+        if rule is Verdict.SPLIT:
+            # Langfuse rejects a whole batch for one bad span: halve until it stands alone.
+            middle = items.index(spans[split(len(spans))])
+            return self.deliver(items[:middle], deadline) and self.deliver(
+                items[middle:], deadline)
+        if rule is Verdict.REJECT:
+            self._dead_letter(items, spans[0], result)
+            return True
+        if rule is Verdict.PAUSE:
+            self._pause(result)
+            return False
+        self._back_off(result)
+        return False
+
+    def _timeout(self, deadline: float | None) -> float:
+        if deadline is None:
+            return self.config.http_timeout
+        return max(0.2, min(self.config.http_timeout, deadline - self.clock()))
+
+    def _delivered(self, items: list[Item], span_count: int) -> None:
+        self.reader.commit(items)
+        self.stats.shipped_spans += span_count
+        self.stats.last_success_at = time.time()
+        self.stats.last_error = None
+        if self.backoff.failures or self.stats.paused:
+            logger.info("celery-langfuse: shipping resumed; Langfuse accepted %d span(s)",
+                        span_count)
+        self.backoff = Backoff()
+        self._reported.clear()
+        self.stats.paused = None
+
+    def _dead_letter(self, items: list[Item], span: Item, result: SendResult) -> None:
+        reason = f"HTTP {result.status} from {self.config.base_url}: {result.body}"
+        payload = span.payload or b""
+        write_dead_letter(self.reader.spool_dir, [payload], reason)
+        self.reader.commit(items)
+        self.stats.dead_lettered += 1
+        logger.error(
+            "celery-langfuse: Langfuse rejected span %s (%s); it was set aside in "
+            "%s/dead-letter (inspect or replay with `python -m tracing dead-letter`)",
+            payload[:8].hex(), reason, self.reader.spool_dir,
+        )
+
+    def _pause(self, result: SendResult) -> None:
+        interval = self.config.auth_retry_interval
+        message = (
+            f"Langfuse answered HTTP {result.status} for public key {self.config.public_key!r} "
+            f"at {self.config.base_url}: shipping is paused and records are kept in "
+            f"{self.reader.spool_dir}. Check LANGFUSE_PUBLIC_KEY / LANGFUSE_SECRET_KEY; "
+            f"retrying every {interval:g}s and at the next start."
+        )
+        if self.stats.paused != message:
+            logger.error("celery-langfuse: %s", message)
+        self.stats.paused = message
+        self.stats.last_error = f"HTTP {result.status}"
+        self.backoff = after_pause(self.backoff, self.clock(), interval)
+
+    def _back_off(self, result: SendResult) -> None:
+        self.backoff = after_failure(self.backoff, result, self.clock(), self.uniform)
+        what = describe(result)
+        self.stats.last_error = what
+        kind = failure_kind(result)
+        if kind not in self._reported:
+            self._reported.add(kind)
+            hint = " (check LANGFUSE_BASE_URL)" if result.status in (404, 405) else ""
+            logger.warning(
+                "celery-langfuse: Langfuse at %s not accepting spans (%s)%s; backing off, "
+                "nothing is dropped", self.config.base_url, what, hint,
+            )
