@@ -289,15 +289,17 @@ class RedisServer:
 
 
 class WorkerProcess(Process):
-    """A real ``celery -A APP worker`` subprocess, run from the repository root."""
+    """A real ``celery -A APP worker`` subprocess, run from ``cwd`` (the repository root) by
+    ``python`` (this interpreter)."""
 
     def __init__(
         self, app: str, env: Mapping[str, str], *, pool: str = "prefork", concurrency: int = 2,
         queue: str | None = None, extra: tuple[str, ...] = (), name: str | None = None,
         inherit_env: bool = True, log_path: Path | None = None, cwd: Path = ROOT,
+        python: str = sys.executable,
     ) -> None:
         node = name or f"w{uuid.uuid4().hex[:8]}@%h"
-        args = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
+        args = [python, "-m", "celery", "-A", app, "worker", "-P", pool,
                 "-c", str(concurrency), "-n", node, "--loglevel=INFO",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", *extra]
         if queue:
