@@ -6,41 +6,49 @@ broker, so an operator sees and steers tracing across a fleet with Celery's own 
     celery -A worker inspect langfuse_status
     celery -A worker control langfuse_flush
 
-Registered when ``tracing`` is imported by ``instrument()``; the handlers run in the worker's
-main process, which holds the shipper.
+Registered when ``tracing`` is imported by ``instrument()``. The handlers run on the worker's
+consumer loop, so they never wait and never read the spool (it can hold a gigabyte): they
+answer from the state the shipper keeps (``Shipper.state()``, updated every cycle) within
+microseconds, and a flush only asks the shipper to ship now.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
 from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
 from tracing import _runtime
-from tracing._cli import spool_report
 
 
 @inspect_command()
 def langfuse_status(state: Any) -> dict[str, Any]:
-    """Tracing state of this worker: configuration, spool and shipper counters."""
+    """Tracing state of this worker: configuration and the shipper's kept counters."""
     runtime = _runtime.current()
     if runtime is None:
         return {"tracing": "off (no keys, disabled, or the spool could not be opened)"}
     shipper = runtime.shipper
+    kept = shipper.state() if shipper is not None else None
     return {
         "tracing": "on",
         "config": runtime.config.masked(),
-        "spool": spool_report(runtime.config.spool_dir),
-        "shipper": asdict(shipper.stats) if shipper is not None else None,
+        "spool": {
+            "directory": str(runtime.config.spool_dir),
+            "unshipped_bytes": kept["pending_bytes"] if kept else None,
+        },
+        "shipper": kept,
         "dropped_spans_at_write": runtime.exporter.dropped_spans,
     }
 
 
 @control_command(args=[("timeout", float)], signature="[timeout=5]")
 def langfuse_flush(state: Any, timeout: float = 5.0) -> dict[str, Any]:
-    """Flush this process's spans to the spool and ship, waiting at most ``timeout`` s."""
+    """Move this process's spans to the spool and have the shipper ship now.
+
+    Answers at once (``timeout`` is accepted for compatibility and not waited on): waiting
+    here would stall the worker's consumer loop. ``pending_bytes`` is as of the shipper's last
+    cycle; ask ``inspect langfuse_status`` again to see it fall.
+    """
     runtime = _runtime.current()
     if runtime is None:
         return {"ok": False, "error": "tracing is off in this worker"}
@@ -48,11 +56,7 @@ def langfuse_flush(state: Any, timeout: float = 5.0) -> dict[str, Any]:
     shipper = runtime.shipper
     if shipper is None:
         return {"ok": True, "shipped": "another process ships this spool"}
-    deadline = time.monotonic() + float(timeout)
     shipper.wake()
-    while shipper.pending_bytes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-        shipper.wake()
-    pending = shipper.pending_bytes()
-    return {"ok": pending == 0, "pending_bytes": pending,
-            "shipped_spans": shipper.stats.shipped_spans, "last_error": shipper.stats.last_error}
+    kept = shipper.state()
+    return {"ok": True, "requested": True, "pending_bytes": kept["pending_bytes"],
+            "shipped_spans": kept["shipped_spans"], "last_error": kept["last_error"]}
