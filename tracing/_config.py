@@ -55,6 +55,9 @@ class Config:
     http_timeout: float = 10.0
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 1024**3
+    # Where a stopping worker hands off what it could not ship (tracing._handoff): "auto" is
+    # the Celery broker when it is Redis; None (CELERY_LANGFUSE_HANDOFF_URL=off) disables it.
+    handoff_url: str | None = "auto"
     shutdown_timeout: float = 5.0
     flush_interval: float = 1.0
     auth_retry_interval: float = 30.0
@@ -111,6 +114,7 @@ def load_config(
         http_timeout=_required(reader.number("http_timeout", "LANGFUSE_TIMEOUT", 10.0, low=0.1)),
         spool_dir=reader.path("spool_dir"),
         spool_max_bytes=reader.size("spool_max_bytes", 1024**3, low=64 * 1024),
+        handoff_url=reader.handoff_url("handoff_url"),
         shutdown_timeout=_required(
             reader.number("shutdown_timeout", PREFIX + "SHUTDOWN_TIMEOUT", 5.0, low=0.0)
         ),
@@ -214,6 +218,18 @@ class _Reader:
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{where}={value!r}: expected a directory, but it is a file")
         return path
+
+    def handoff_url(self, name: str) -> str | None:
+        where, value = self._raw(name, PREFIX + name.upper())
+        text = "auto" if value is None or str(value).strip() == "" else str(value).strip()
+        if text.lower() in ("auto", "off"):
+            return None if text.lower() == "off" else "auto"
+        if not re.match(r"^(rediss?://[^\s]*|unix:///[^\s]+)$", text):
+            raise ConfigError(
+                f"{where}={value!r}: expected a Redis URL (redis://host:6379/0, rediss://..., "
+                "unix:///path/redis.sock), 'auto' (the Celery broker when it is Redis) or 'off'"
+            )
+        return text
 
     def pattern(self, name: str) -> re.Pattern[str]:
         where, value = self._raw(name, PREFIX + name.upper())
