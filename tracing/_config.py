@@ -53,6 +53,7 @@ class Config:
     release: str | None = None
     sample_rate: float = 1.0
     http_timeout: float = 10.0
+    traces_export_path: str | None = None  # LANGFUSE_OTEL_TRACES_EXPORT_PATH, as the SDK reads it
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 1024**3
     # Where a stopping worker hands off what it could not ship (tracing._handoff): "auto" is
@@ -66,6 +67,10 @@ class Config:
     max_payload_bytes: int = 32 * 1024
     redact_keys: re.Pattern[str] = field(default_factory=lambda: re.compile(DEFAULT_REDACT_PATTERN))
     exclude_tasks: tuple[str, ...] = ()
+    # Objects, given only as instrument() keyword options (no environment variable):
+    tracer_provider: Any = None  # the OpenTelemetry TracerProvider Langfuse's spans go through
+    should_export_span: Any = None  # Callable[[ReadableSpan], bool]: which spans go to Langfuse
+    mask: Any = None  # Callable[..., Any]: the SDK's mask over input/output/metadata
 
     @property
     def has_keys(self) -> bool:
@@ -73,6 +78,8 @@ class Config:
 
     @property
     def traces_endpoint(self) -> str:
+        if self.traces_export_path:
+            return f"{self.base_url}/{self.traces_export_path.lstrip('/')}"
         return f"{self.base_url}/api/public/otel/v1/traces"
 
     def is_excluded(self, task_name: str) -> bool:
@@ -112,6 +119,7 @@ def load_config(
         release=reader.text("release", "LANGFUSE_RELEASE"),
         sample_rate=sample if sample is not None else 1.0,
         http_timeout=_required(reader.number("http_timeout", "LANGFUSE_TIMEOUT", 10.0, low=0.1)),
+        traces_export_path=reader.text("traces_export_path", "LANGFUSE_OTEL_TRACES_EXPORT_PATH"),
         spool_dir=reader.path("spool_dir"),
         spool_max_bytes=reader.size("spool_max_bytes", 1024**3, low=64 * 1024),
         handoff_url=reader.handoff_url("handoff_url"),
@@ -128,6 +136,9 @@ def load_config(
         max_payload_bytes=reader.size("max_payload_bytes", 32 * 1024, low=256),
         redact_keys=reader.pattern("redact_keys"),
         exclude_tasks=reader.names("exclude_tasks"),
+        tracer_provider=reader.provider("tracer_provider"),
+        should_export_span=reader.callable("should_export_span"),
+        mask=reader.callable("mask"),
     )
 
 
@@ -244,6 +255,21 @@ class _Reader:
                 f"{where}={value!r}: expected a regular expression matched against "
                 f"argument names ({exc})"
             ) from None
+
+    def provider(self, name: str) -> Any:
+        value = self._options.get(name)
+        if value is not None and not callable(getattr(value, "get_tracer", None)):
+            raise ConfigError(
+                f"instrument({name}={value!r}): expected an OpenTelemetry TracerProvider "
+                "(opentelemetry.sdk.trace.TracerProvider)"
+            )
+        return value
+
+    def callable(self, name: str) -> Any:
+        value = self._options.get(name)
+        if value is not None and not callable(value):
+            raise ConfigError(f"instrument({name}={value!r}): expected a function")
+        return value
 
     def names(self, name: str) -> tuple[str, ...]:
         where, value = self._raw(name, PREFIX + name.upper())
