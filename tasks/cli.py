@@ -142,9 +142,12 @@ def _send(job_name: str, app: Celery, kwargs: Mapping[str, Any]) -> str:
         build = CANVAS_JOBS[job_name]
         _bind(job_name, build, kwargs)
         canvas = build(**kwargs, app=app)
-        # Left alone, each chord header task would be its own root (and its own trace).
+        # Left alone, each chord header task would be its own root (and its own trace). The
+        # root must be a task of the canvas (the trace's root observation is its first
+        # attempt), so the first task to run gets a known id and is every task's root.
         task_id = uuid()
-        canvas.apply_async(task_id=task_id, root_id=task_id)
+        canvas.tasks[0].set(task_id=task_id)
+        canvas.apply_async(root_id=task_id)
         return task_id
     raise InvalidJobInput(f"unknown job {job_name!r}: expected one of {', '.join(JOB_NAMES)}")
 

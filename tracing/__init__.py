@@ -17,7 +17,7 @@ from tracing._options import TaskOptions, task_options
 from tracing._propagation import TraceAttributes, trace_attributes
 from tracing._scores import score_task
 from tracing._spool import SpoolError
-from tracing._task_tracing import trace_id_for
+from tracing._task_span import root_observation_id_for, trace_id_for
 
 __all__ = [
     "Config",
@@ -28,6 +28,7 @@ __all__ = [
     "instrument",
     "is_instrumented",
     "load_config",
+    "root_observation_id_for",
     "score_task",
     "task_options",
     "trace_attributes",

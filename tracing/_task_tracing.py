@@ -28,23 +28,34 @@ Every handler catches and logs its own errors: tracing never breaks a task.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
 import traceback
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from langfuse import Langfuse, propagate_attributes
+from langfuse import propagate_attributes
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from tracing import _runtime
 from tracing._attempts import from_span
+from tracing._client import task_tracer
 from tracing._options import TaskOptions, options_for
-from tracing._payload import render_attribute
-from tracing._propagation import TraceAttributes, _propagator, read_headers
+from tracing._otel import task_context
+from tracing._payload import clean_text, render_attribute
+from tracing._propagation import TraceAttributes, read_headers
+from tracing._task_span import (
+    end_attributes,
+    placement,
+    start_attributes,
+    start_task_span,
+    trace_id_for,  # noqa: F401  (its old home; callers import it from here)
+)
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -67,11 +78,6 @@ def never_raises(handler: F) -> F:
     return guarded  # type: ignore[return-value]
 
 
-def trace_id_for(root_id: str) -> str:
-    """The Langfuse trace id of a task tree: derived from its root task id."""
-    return Langfuse.create_trace_id(seed=root_id)
-
-
 @dataclass
 class _Outcome:
     level: str = "DEFAULT"
@@ -81,9 +87,9 @@ class _Outcome:
 
 @dataclass
 class _Active:
-    """A task attempt whose observation is open in this process."""
+    """A task attempt whose observation (an OpenTelemetry span) is open in this process."""
 
-    observation: Any
+    span: Any
     tokens: list[Any]
     options: TaskOptions
     outcome: _Outcome | None = None
@@ -91,6 +97,9 @@ class _Active:
 
 _active: dict[str, _Active] = {}
 _cut_short: dict[str, _Active] = {}  # bodies interrupted before a final state (see _interrupted)
+# Attempts ended here lately, by task id: Celery stores the result *after* task_postrun, so a
+# result-store failure (task_internal_error) arrives for an attempt that is already ended.
+_ended: collections.OrderedDict[str, tuple[str, Any]] = collections.OrderedDict()
 
 
 # -- task start -------------------------------------------------------------------------------
@@ -109,48 +118,47 @@ def on_task_prerun(
     options = options_for(task)
     request = task.request
     incoming = read_headers(request)
-    attributes = incoming.attributes.merged(_extract(options, kwargs or {}))
     capture = config.capture_input if options.capture_input is None else options.capture_input
-    observation = _start_observation(
-        runtime.client, task, options, incoming.carrier, request,
-        input=_render({"args": args, "kwargs": kwargs}) if capture else None,
+    span = start_span(
+        task.name, task_id, getattr(request, "root_id", None),
+        getattr(request, "retries", 0) or 0, incoming.carrier, options.as_type,
+        input_text=_render({"args": args, "kwargs": kwargs}) if capture else None,
         metadata=task_metadata(task, request, task_id),
     )
-    span = observation._otel_span
     # Registered before anything else can fail, so task_postrun always ends the observation
     # and detaches the context: a context left attached would leak into the next task.
     active = _active[task_id] = _Active(
-        observation, [otel_context.attach(otel_trace.set_span_in_context(span))], options)
+        span, [otel_context.attach(task_context(span))], options)
+    attributes = incoming.attributes.merged(_extract(options, kwargs))
     propagation = _propagate(attributes)
     if propagation is not None:
         propagation.__enter__()
         active.tokens.append(propagation)
-    runtime.write_frames(from_span(task_id, span).frame())
+    if span.is_recording():
+        runtime.write_frames(from_span(task_id, span).frame())
 
 
-def _start_observation(
-    client: Langfuse, task: Any, options: TaskOptions, carrier: dict[str, str], request: Any,
-    **fields: Any,
+def start_span(
+    name: str, task_id: str, root_id: str | None, retries: int, carrier: Mapping[str, str],
+    as_type: str, *, input_text: str | None, metadata: Mapping[str, Any],
+    start_time: int | None = None,
 ) -> Any:
-    as_type: Any = options.as_type  # validated by task_options
-    if "traceparent" in carrier:
-        token = otel_context.attach(_propagator.extract(carrier))
-        try:
-            return client.start_observation(name=task.name, as_type=as_type, **fields)
-        finally:
-            otel_context.detach(token)
-    root = getattr(request, "root_id", None) or request.id
-    return client.start_observation(
-        trace_context={"trace_id": trace_id_for(root)}, name=task.name, as_type=as_type,
-        **fields,
-    )
+    """Start a task attempt's span where the trace model puts it (see ``_task_span``)."""
+    runtime = _runtime.current()
+    assert runtime is not None
+    config = runtime.config
+    context, pinned = placement(carrier, task_id, root_id, retries)
+    attributes = start_attributes(as_type, input_text, metadata, config.environment,
+                                  config.release)
+    return start_task_span(task_tracer(config.public_key or ""), clean_text(name) or "", context,
+                           pinned, attributes, start_time)
 
 
-def _extract(options: TaskOptions, kwargs: Mapping[str, Any]) -> TraceAttributes:
+def _extract(options: TaskOptions, kwargs: Any) -> TraceAttributes:
     if options.trace_attributes is None:
         return TraceAttributes()
     try:
-        return TraceAttributes.from_mapping(options.trace_attributes(kwargs) or {})
+        return TraceAttributes.from_mapping(options.trace_attributes(kwargs or {}) or {})
     except Exception:
         logger.exception("celery-langfuse: the task's trace_attributes extractor failed")
         return TraceAttributes()
@@ -192,9 +200,16 @@ def task_metadata(task: Any, request: Any, task_id: str) -> dict[str, Any]:
 
 
 def _render(value: Any) -> str:
+    """Task input/output as JSON text (masked, redacted, capped); never raises."""
     runtime = _runtime.current()
     assert runtime is not None
     config = runtime.config
+    if config.mask is not None:
+        try:
+            value = config.mask(data=value)
+        except Exception:
+            logger.exception("celery-langfuse: the mask function failed; value withheld")
+            return "<withheld: mask failed>"
     return render_attribute(value, redact=config.redact_keys,
                             max_bytes=config.max_payload_bytes)
 
@@ -252,9 +267,30 @@ def on_task_internal_error(
     active = _cut_short.pop(task_id, None) or _active.pop(task_id, None)
     if active is not None:
         active.outcome = outcome
-        _end(active, "FAILURE", None)
+        _end(active, "FAILURE", None, task_id)
+    elif task_id in _ended:
+        _event_after_end(task_id, outcome)
     elif sender is not None:
         emit_observation(sender.name, task_id, None, outcome, "FAILURE")
+
+
+def _event_after_end(task_id: str, outcome: _Outcome) -> None:
+    """An error Celery raised after the attempt ended (storing the result failed): an ERROR
+    event under the attempt's observation, never a second task observation."""
+    runtime = _runtime.current()
+    if runtime is None:
+        return
+    state, span = _ended.pop(task_id)
+    context = otel_trace.set_span_in_context(span, otel_context.Context())
+    message = f"after {state}: {outcome.status_message}"
+    event = task_tracer(runtime.config.public_key or "").start_span(
+        "celery: storing the result failed", context=context,
+        attributes={**start_attributes("event", None, outcome.metadata, None, None),
+                    **end_attributes(None, "ERROR", message, {})},
+    )
+    event.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, message))
+    event.end(end_time=event.start_time)
+    runtime.flush()
 
 
 @never_raises
@@ -291,35 +327,45 @@ def _interrupted(task_id: str) -> None:
 def _finish(task_id: str, state: str, retval: Any) -> None:
     active = _active.pop(task_id, None)
     if active is not None:
-        _end(active, state, retval)
+        _end(active, state, retval, task_id)
 
 
-def _end(active: _Active, state: str, retval: Any) -> None:
+def _end(active: _Active, state: str, retval: Any, task_id: str) -> None:
+    """End the attempt's span with its outcome; whatever fails, the span ends and the
+    context is detached."""
     runtime = _runtime.current()
-    if runtime is None:
-        return
-    outcome = active.outcome or _outcome_for_state(state, retval)
-    capture = active.options.capture_output
-    capture = runtime.config.capture_output if capture is None else capture
-    output = _render(retval) if capture and state == "SUCCESS" else None
-    observation = active.observation
+    span = active.span
     try:
-        observation.update(
-            output=output, level=outcome.level, status_message=outcome.status_message,
-            metadata={**outcome.metadata, "final_state": state},
-        )
-        _mark_error(observation, outcome)
+        if runtime is None:
+            return
+        outcome = active.outcome or _outcome_for_state(state, retval)
+        capture = active.options.capture_output
+        capture = runtime.config.capture_output if capture is None else capture
+        output = _render(retval) if capture and state == "SUCCESS" else None
+        span.set_attributes(end_attributes(
+            output, outcome.level, clean_text(outcome.status_message),
+            {**outcome.metadata, "final_state": state}))
+        _mark_error(span, outcome)
     finally:
         _detach(active.tokens)
-        observation.end()
-        runtime.flush()
+        span.end()
+        _remember_ended(task_id, state, span)
+        if runtime is not None:
+            runtime.flush()
 
 
-def _mark_error(observation: Any, outcome: _Outcome) -> None:
+def _remember_ended(task_id: str, state: str, span: Any) -> None:
+    _ended[task_id] = (state, span)
+    while len(_ended) > 1000:
+        _ended.popitem(last=False)
+
+
+def _mark_error(span: Any, outcome: _Outcome) -> None:
     """An ERROR observation also carries OpenTelemetry's error status, for other backends."""
     if outcome.level == "ERROR":
-        status = otel_trace.Status(otel_trace.StatusCode.ERROR, outcome.status_message)
-        observation._otel_span.set_status(status)
+        status = otel_trace.Status(otel_trace.StatusCode.ERROR,
+                                   clean_text(outcome.status_message))
+        span.set_status(status)
 
 
 def _outcome_for_state(state: str, retval: Any) -> _Outcome:
@@ -392,7 +438,7 @@ _emitted: set[str] = set()
 
 def emit_observation(
     name: str, task_id: str, root_id: str | None, outcome: _Outcome, final_state: str,
-    metadata: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None, carrier: Mapping[str, str] | None = None,
 ) -> None:
     """A complete observation for a task that never ran here (unknown, rejected, revoked)."""
     runtime = _runtime.current()
@@ -401,15 +447,15 @@ def emit_observation(
     _emitted.add(task_id)
     if len(_emitted) > 10_000:
         _emitted.clear()
-    level: Any = outcome.level
-    observation = runtime.client.start_observation(
-        trace_context={"trace_id": trace_id_for(root_id or task_id)}, name=name,
-        level=level, status_message=outcome.status_message,
-        metadata={"task_id": task_id, "final_state": final_state, "pid": os.getpid(),
-                  **(metadata or {}), **outcome.metadata},
+    span = start_span(
+        name, task_id, root_id, 0, carrier or {}, "span", input_text=None,
+        metadata={"task_id": task_id, "pid": os.getpid(), **(metadata or {})},
     )
-    _mark_error(observation, outcome)
-    observation.end()
+    span.set_attributes(end_attributes(
+        None, outcome.level, clean_text(outcome.status_message),
+        {**outcome.metadata, "final_state": final_state}))
+    _mark_error(span, outcome)
+    span.end()
     runtime.flush()
     if runtime.shipper is not None:
         runtime.shipper.wake()
@@ -434,7 +480,8 @@ def on_task_revoked(
         _close_dead_attempt(name, task_id, _Outcome("WARNING", reason), "REVOKED")
         return
     emit_observation(name, task_id, getattr(request, "root_id", None),
-                     _Outcome("WARNING", reason), "REVOKED")
+                     _Outcome("WARNING", reason), "REVOKED",
+                     carrier=read_headers(request).carrier)
 
 
 @never_raises
@@ -445,7 +492,7 @@ def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, *
         return
     reason = f"rejected: {describe(exc)}" if exc else "rejected: unknown message format"
     emit_observation(name or "celery.unknown", task_id, headers.get("root_id"),
-                     _Outcome("WARNING", reason), "REJECTED")
+                     _Outcome("WARNING", reason), "REJECTED", carrier=_carrier(headers))
 
 
 @never_raises
@@ -459,4 +506,9 @@ def on_task_unknown(
     reason = (f"unknown task {name!r}: not registered in this worker "
               "(check the task name and the worker's imports)")
     emit_observation(name or "celery.unknown", id, headers.get("root_id"),
-                     _Outcome("ERROR", reason), "FAILURE")
+                     _Outcome("ERROR", reason), "FAILURE", carrier=_carrier(headers))
+
+
+def _carrier(headers: Mapping[str, Any]) -> dict[str, str]:
+    """The W3C carrier of a raw message's headers (either nesting level)."""
+    return read_headers(types.SimpleNamespace(headers=headers)).carrier

@@ -1,0 +1,146 @@
+"""A task attempt's span: where it hangs in its trace, and how it is made.
+
+Where it hangs (the Langfuse v4 server's rules: a trace's name, input, output and metadata
+come from the span with an empty parent span id, and every other span must be a real child
+that is never an app root):
+
+==================================================  =========================================
+the message                                          the attempt's span
+==================================================  =========================================
+carries W3C ``traceparent`` (the producer, or the    a child of that span, in its trace: chain
+task that sent it, was inside an observation)        links, callbacks, retries, sub-tasks
+no ``traceparent``, the tree's root task, first      THE trace root: no parent at all, trace
+attempt                                              id ``trace_id_for(root_id)``, span id
+                                                     ``root_observation_id_for(root_id)``
+no ``traceparent``, any other task of the tree: a    a child of the root task's first attempt
+later attempt of the root task, a canvas member      (both ids derived from ``root_id``, so
+whose ``root_id`` names another task                 any process can compute them)
+==================================================  =========================================
+
+Celery's own root ids always name a task that runs first (a chain's first link; each member
+of a group sent from outside a trace is its own root). A producer that overrides ``root_id``
+must name a task of the canvas, or its members hang under a root that never arrives.
+
+A retry is published by the attempt that failed, from inside its observation, so attempt
+*n+1* hangs under attempt *n*: the trace reads as the sequence that happened. Celery gives
+each task of a group sent from outside a trace its own ``root_id``, so each is its own trace.
+
+How it is made: directly on the SDK's own tracer (same instrumentation scope, so the SDK's
+processor exports it and puts it through the spool) with the attribute names the SDK
+writes, instead of through ``start_observation`` + ``update``: the same span for about a
+third of the cost. A span started under a remote parent carries the SDK's root-claim
+baggage, so the SDK does not mark a child task as a second app root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from langfuse import Langfuse
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tracing import _sdk
+from tracing._otel import pinned_ids
+
+_propagator = TraceContextTextMapPropagator()
+_NAMES = _sdk.attribute_names()
+
+
+def trace_id_for(root_id: str) -> str:
+    """The Langfuse trace id of a task tree: derived from its root task id."""
+    return Langfuse.create_trace_id(seed=root_id)
+
+
+def root_observation_id_for(root_id: str) -> str:
+    """The observation id of the first attempt of a tree's root task (16 hex digits)."""
+    digest = hashlib.sha256(f"celery-langfuse:root:{root_id}".encode()).digest()
+    return (digest[:8] if any(digest[:8]) else b"\x00" * 7 + b"\x01").hex()
+
+
+def placement(
+    carrier: Mapping[str, str], task_id: str, root_id: str | None, retries: int
+) -> tuple[otel_context.Context, tuple[int, int] | None]:
+    """The context to start the attempt's span in, and the ids to pin (a true root)."""
+    if "traceparent" in carrier:
+        extracted = _propagator.extract(dict(carrier), context=otel_context.Context())
+        parent = otel_trace.get_current_span(extracted).get_span_context()
+        if parent.is_valid:
+            return _claimed(extracted, parent.trace_id), None
+    root = root_id or task_id
+    trace_id = int(trace_id_for(root), 16)
+    root_span_id = int(root_observation_id_for(root), 16)
+    if root == task_id and not retries:
+        return otel_context.Context(), (trace_id, root_span_id)
+    parent_span = NonRecordingSpan(SpanContext(
+        trace_id, root_span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+    context = otel_trace.set_span_in_context(parent_span, otel_context.Context())
+    return _claimed(context, trace_id), None
+
+
+def _claimed(context: otel_context.Context, trace_id: int) -> otel_context.Context:
+    return baggage.set_baggage(_sdk.root_claim_baggage_key(), f"{trace_id:032x}", context)
+
+
+def start_task_span(
+    tracer: Any, name: str, context: otel_context.Context, pinned: tuple[int, int] | None,
+    attributes: Mapping[str, Any], start_time: int | None = None,
+) -> Any:
+    """Start the span in ``context`` (with ``pinned`` ids for a true root)."""
+    if pinned is None:
+        return tracer.start_span(name, context=context, attributes=attributes,
+                                 start_time=start_time)
+    with pinned_ids(*pinned):
+        return tracer.start_span(name, context=context, attributes=attributes,
+                                 start_time=start_time)
+
+
+def start_attributes(
+    as_type: str, input_text: str | None, metadata: Mapping[str, Any],
+    environment: str | None, release: str | None,
+) -> dict[str, Any]:
+    """The attributes the SDK would write for a new observation."""
+    attributes: dict[str, Any] = {_NAMES.OBSERVATION_TYPE: as_type}
+    if input_text is not None:
+        attributes[_NAMES.OBSERVATION_INPUT] = input_text
+    if environment:
+        attributes[_NAMES.ENVIRONMENT] = environment
+    if release:
+        attributes[_NAMES.RELEASE] = release
+    attributes.update(metadata_attributes(metadata))
+    return attributes
+
+
+def end_attributes(
+    output_text: str | None, level: str, status_message: str | None,
+    metadata: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The attributes the SDK's ``update(...)`` would write when the attempt ends."""
+    attributes: dict[str, Any] = {_NAMES.OBSERVATION_LEVEL: level}
+    if output_text is not None:
+        attributes[_NAMES.OBSERVATION_OUTPUT] = output_text
+    if status_message:
+        attributes[_NAMES.OBSERVATION_STATUS_MESSAGE] = status_message
+    attributes.update(metadata_attributes(metadata))
+    return attributes
+
+
+def metadata_attributes(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as the v5 SDK writes it: one attribute per key, every value JSON-encoded."""
+    prefix = _NAMES.OBSERVATION_METADATA
+    return {
+        f"{prefix}.{key}": json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                                      default=str)
+        for key, value in metadata.items() if value is not None
+    }
+
+
+def now_ns() -> int:
+    return time.time_ns()
