@@ -9,6 +9,11 @@ rendering it must never raise: a value whose ``__repr__`` raises is shown as a p
 - bytes become ``"<bytes len=N>"`` (the content is not guessed at), datetimes ISO 8601.
 - The encoded JSON is capped at ``max_bytes``: an over-long rendering is replaced by a
   truncated string preview and a marker saying how large the original was.
+- Hostile values never escape: lone surrogates become U+FFFD (the result is valid UTF-8),
+  containers that contain themselves render ``"<recursive>"``, a walk visits at most
+  ``_MAX_NODES`` values, ints too large for JSON readers become text, and any exception a
+  value raises (``__repr__``, ``__iter__``, ``__eq__``, ``__hash__``, ``items``, ...) turns
+  that value into a placeholder naming its type.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import enum
+import itertools
 import json
 import re
 import uuid
@@ -27,12 +33,25 @@ from typing import Any
 REDACTED = "[REDACTED]"
 _MAX_DEPTH = 8
 _MAX_ITEMS = 200
+_MAX_NODES = 20_000
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_SAFE_INT = 2**63
+
+
+def clean_text(text: str | None) -> str | None:
+    """``text`` with lone surrogates replaced by U+FFFD, so it encodes as UTF-8."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
 
 
 def render(value: Any, *, redact: re.Pattern[str], max_bytes: int) -> Any:
     """Return a JSON-safe version of ``value``: redacted, and capped at ``max_bytes`` of JSON."""
-    safe = _safe(value, redact, 0)
-    encoded = json.dumps(safe, ensure_ascii=False, separators=(",", ":"))
+    safe, encoded = _walk(value, redact)
     return json.loads(_capped(encoded, max_bytes)) if _too_big(encoded, max_bytes) else safe
 
 
@@ -43,11 +62,24 @@ def render_attribute(value: Any, *, redact: re.Pattern[str], max_bytes: int) -> 
     text instead of Python objects spares it a second serialisation and a recursive walk
     looking for media in every nested value.
     """
-    safe = _safe(value, redact, 0)
-    encoded = json.dumps(safe, ensure_ascii=False, separators=(",", ":"))
+    safe, encoded = _walk(value, redact)
     if _too_big(encoded, max_bytes):
         return _capped(encoded, max_bytes)
     return safe if isinstance(safe, str) else encoded
+
+
+def _walk(value: Any, redact: re.Pattern[str]) -> tuple[Any, str]:
+    """(JSON-safe value, its JSON text); never raises."""
+    try:
+        safe = _Walker(redact).safe(value, 0)
+        encoded = json.dumps(safe, ensure_ascii=False, separators=(",", ":"))
+        cleaned = clean_text(encoded)
+        if cleaned is not encoded:
+            return json.loads(cleaned or "null"), cleaned or "null"
+        return safe, encoded
+    except Exception as exc:  # a last resort: the walk itself is guarded value by value
+        placeholder = f"<{type(value).__name__} (could not render: {type(exc).__name__})>"
+        return placeholder, json.dumps(placeholder)
 
 
 def _too_big(encoded: str, max_bytes: int) -> bool:
@@ -62,29 +94,85 @@ def _capped(encoded: str, max_bytes: int) -> str:
     return json.dumps(capped, ensure_ascii=False, separators=(",", ":"))
 
 
-def _safe(value: Any, redact: re.Pattern[str], depth: int) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        finite = value == value and value not in (float("inf"), float("-inf"))
-        return value if finite else str(value)
-    if depth >= _MAX_DEPTH:
-        return f"<{type(value).__name__}: nested too deep>"
-    scalar = _scalar(value)
-    if scalar is not _NOT_SCALAR:
-        return scalar
-    if isinstance(value, Mapping):
-        return _mapping(value, redact, depth)
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
-        out = [_safe(item, redact, depth + 1) for item in list(items)[:_MAX_ITEMS]]
-        if len(value) > _MAX_ITEMS:
-            out.append(f"<{len(value) - _MAX_ITEMS} more items>")
+class _Walker:
+    """One rendering: the redaction pattern, the node budget and the containers on the path."""
+
+    def __init__(self, redact: re.Pattern[str]) -> None:
+        self.redact = redact
+        self.nodes = 0
+        self.path: set[int] = set()
+
+    def safe(self, value: Any, depth: int) -> Any:
+        self.nodes += 1
+        if self.nodes > _MAX_NODES:
+            return "<more values left out>"
+        try:
+            return self._safe(value, depth)
+        except Exception as exc:
+            return f"<{_type_name(value)} (render failed: {type(exc).__name__})>"
+
+    def _safe(self, value: Any, depth: int) -> Any:
+        if value is None or isinstance(value, bool):
+            return value
+        if isinstance(value, int):
+            return int(value) if -_JSON_SAFE_INT < value < _JSON_SAFE_INT else _big_int(value)
+        if isinstance(value, str):
+            return str(value)
+        if isinstance(value, float):
+            finite = value == value and value not in (float("inf"), float("-inf"))
+            return float(value) if finite else str(value)
+        if depth >= _MAX_DEPTH:
+            return f"<{_type_name(value)}: nested too deep>"
+        scalar = _scalar(value)
+        if scalar is not _NOT_SCALAR:
+            return scalar
+        if id(value) in self.path:
+            return f"<recursive {_type_name(value)}>"
+        self.path.add(id(value))
+        try:
+            return self._container(value, depth)
+        finally:
+            self.path.discard(id(value))
+
+    def _container(self, value: Any, depth: int) -> Any:
+        if isinstance(value, Mapping):
+            return self._mapping(value, depth)
+        if isinstance(value, (list, tuple, set, frozenset)):
+            items = list(itertools.islice(iter(value), _MAX_ITEMS + 1))
+            if isinstance(value, (set, frozenset)):
+                items.sort(key=_repr)
+            out = [self.safe(item, depth + 1) for item in items[:_MAX_ITEMS]]
+            if len(items) > _MAX_ITEMS:
+                out.append(f"<{len(value) - _MAX_ITEMS} more items>")
+            return out
+        structured = _structured(value)
+        if structured is not None:
+            return self._mapping(structured, depth)
+        return _repr(value)
+
+    def _mapping(self, value: Mapping[Any, Any], depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for index, (key, item) in enumerate(value.items()):
+            if index >= _MAX_ITEMS:
+                out["<more>"] = f"{len(value) - _MAX_ITEMS} more keys"
+                break
+            name = str(key) if isinstance(key, str) else _repr(key)
+            out[name] = REDACTED if self.redact.search(name) else self.safe(item, depth + 1)
         return out
-    structured = _structured(value)
-    if structured is not None:
-        return _mapping(structured, redact, depth)
-    return _repr(value)
+
+
+def _big_int(value: int) -> str:
+    try:
+        return str(value)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return f"<int of {value.bit_length()} bits>"
+
+
+def _type_name(value: Any) -> str:
+    try:
+        return str(type(value).__name__)
+    except Exception:
+        return "object"
 
 
 _NOT_SCALAR = object()
@@ -105,7 +193,11 @@ def _scalar(value: Any) -> Any:
 
 
 def _safe_plain(value: Any) -> Any:
-    return value if isinstance(value, (bool, int, float, str)) or value is None else _repr(value)
+    if value is None or type(value) in (bool, int, str):
+        return value
+    if type(value) is float and value == value and value not in (float("inf"), float("-inf")):
+        return value
+    return _repr(value)
 
 
 def _structured(value: Any) -> Mapping[str, Any] | None:
@@ -122,20 +214,9 @@ def _structured(value: Any) -> Mapping[str, Any] | None:
     return None
 
 
-def _mapping(value: Mapping[Any, Any], redact: re.Pattern[str], depth: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for index, (key, item) in enumerate(value.items()):
-        if index >= _MAX_ITEMS:
-            out["<more>"] = f"{len(value) - _MAX_ITEMS} more keys"
-            break
-        name = key if isinstance(key, str) else _repr(key)
-        out[name] = REDACTED if redact.search(name) else _safe(item, redact, depth + 1)
-    return out
-
-
 def _repr(value: Any) -> str:
     try:
-        text = repr(value)
+        text = str(repr(value))
     except Exception as exc:  # objects whose __repr__ raises still render
-        return f"<{type(value).__name__} (repr failed: {type(exc).__name__})>"
+        return f"<{_type_name(value)} (repr failed: {type(exc).__name__})>"
     return text if len(text) <= 2000 else text[:2000] + "…"
