@@ -151,7 +151,8 @@ def test_sdk_spans_are_decoded_by_langfuse_attribute_names(
     assert {o.trace_id for o in observations} == {root.trace_id}
     assert (root.type, gen.type, bad.type) == ("span", "generation", "span")
     assert root.input == {"doc": "hello"} and root.output == {"summary": "a summary"}
-    assert root.metadata == {"queue": "llm", "attempt": 1}
+    # Langfuse v4 merges the propagated trace metadata into every observation's metadata.
+    assert root.metadata == {"queue": "llm", "attempt": 1, "tenant": "acme"}
     assert gen.model == "offline-1" and gen.output == "a summary"
     assert gen.usage_details == {"input": 12, "output": 5, "total": 17}
     assert gen.cost_details == {"total": 0.0025}
@@ -160,17 +161,24 @@ def test_sdk_spans_are_decoded_by_langfuse_attribute_names(
     for obs in observations:
         assert obs.user_id == "user-1" and obs.session_id == "session-1"
         assert obs.tags == ["batch", "nightly"] and obs.trace_name == "summarize-job"
-        assert obs.trace_metadata == {"tenant": "acme"}
+        assert obs.trace_metadata == {"tenant": "acme"} and obs.metadata["tenant"] == "acme"
         assert obs.end_time is not None and obs.end_time >= obs.start_time
     assert receiver.duplicates() == {}
 
+    trace = receiver.trace(root.trace_id)
+    assert (trace.name, trace.input, trace.output) == (
+        "summarize-job", {"doc": "hello"}, {"summary": "a summary"}
+    )
+    assert trace.roots == (root,) and trace.root == root
     tree = receiver.tree(root.trace_id)
     lines = tree.splitlines()
     assert "user=user-1" in lines[0] and "summarize-job" in lines[0]
-    assert lines[1].startswith("└─ summarize [span] DEFAULT")
-    assert "llm-call [generation]" in lines[2] and "input=12 output=5 total=17" in lines[2]
-    assert "cost=$0.002500" in lines[2]
-    assert "post-process [span] ERROR" in lines[3] and "ValueError: boom" in lines[3]
+    assert lines[1] == '  input:  {"doc": "hello"}'
+    assert lines[2] == '  output: {"summary": "a summary"}'
+    assert lines[3].startswith("└─ summarize [span] DEFAULT")
+    assert "llm-call [generation]" in lines[4] and "input=12 output=5 total=17" in lines[4]
+    assert "cost=$0.002500" in lines[4]
+    assert "post-process [span] ERROR" in lines[5] and "ValueError: boom" in lines[5]
 
     [request] = receiver.trace_requests
     assert request.status == 200 and request.span_count == 3
@@ -204,7 +212,7 @@ def test_langfuse_receiver_fixture_gives_unique_keys_and_env(
     assert env["LANGFUSE_PUBLIC_KEY"].startswith("pk-lf-test-")
     assert env["LANGFUSE_SECRET_KEY"] == langfuse_receiver.secret_key
     health = httpx.get(langfuse_receiver.base_url + "/api/public/health", timeout=5)
-    assert health.json() == {"status": "OK", "version": "3.0.0"}
+    assert health.json() == {"status": "OK", "version": "4.16.0"}
 
 
 # --------------------------------------------------------------------------- protocol rules
@@ -228,18 +236,33 @@ def test_missing_or_wrong_keys_get_401_and_nothing_is_stored(receiver: LangfuseR
     assert [o.name for o in receiver.observations] == ["a"]
 
 
-def test_batch_with_a_zero_span_id_is_rejected_whole(receiver: LangfuseReceiver) -> None:
-    """One span with an all-zero span id (or trace id) makes the whole batch 400, none stored."""
+def test_batch_with_a_span_lacking_an_id_is_rejected_whole(receiver: LangfuseReceiver) -> None:
+    """One span without a span id (or trace id) makes the whole batch 400, none stored."""
     good = {"name": "good"}
-    zero_span = make_batch(good, {"name": "bad", "span_id": bytes(8)}).SerializeToString()
-    zero_trace = make_batch(good, {"name": "bad", "trace_id": bytes(16)}).SerializeToString()
+    no_span = make_batch(good, {"name": "bad", "span_id": b""}).SerializeToString()
+    no_trace = make_batch(good, {"name": "bad", "trace_id": b""}).SerializeToString()
 
-    for body in (zero_span, zero_trace):
+    for body, reason in ((no_span, "spanId:absent"), (no_trace, "traceId:absent")):
         response = post(receiver, body)
         assert response.status_code == 400
-        assert "bad" in response.json()["error"]
+        assert reason in response.json()["error"]
+        assert "1 of 2 span(s)" in response.json()["error"]
     assert receiver.observations == []
     assert [r.span_count for r in receiver.trace_requests] == [2, 2]
+
+
+def test_present_ids_are_accepted_whatever_their_bytes(receiver: LangfuseReceiver) -> None:
+    """An all-zero span id is present, so v4.16's validateOtelSpanIds lets it through (200)."""
+    body = make_batch({"name": "zero", "span_id": bytes(8)}).SerializeToString()
+    assert post(receiver, body).status_code == 200
+    assert [o.id for o in receiver.observations] == ["0" * 16]
+
+
+def test_a_request_without_resource_spans_is_answered_empty(receiver: LangfuseReceiver) -> None:
+    """No resourceSpans: the route answers 200 ``{}`` before any id or version check."""
+    response = post(receiver, b"", headers={"x-langfuse-ingestion-version": "9"})
+    assert (response.status_code, response.json()) == (200, {})
+    assert receiver.observations == []
 
 
 def test_ingestion_version_above_four_is_rejected(receiver: LangfuseReceiver) -> None:
@@ -255,9 +278,10 @@ def test_gzip_and_otlp_json_bodies_are_accepted(receiver: LangfuseReceiver) -> N
     """Gzip protobuf and OTLP/JSON (hex ids) are both decoded; a corrupt gzip body is a 400."""
     body = make_batch({"name": "zipped"}).SerializeToString()
     response = post(receiver, gzip.compress(body), headers={"Content-Encoding": "gzip"})
-    assert response.status_code == 200 and response.json() == {}
+    assert response.status_code == 200 and response.json()["name"] == "otel-ingestion-job"
     broken = post(receiver, b"not gzip", headers={"Content-Encoding": "gzip"})
     assert broken.status_code == 400
+    assert broken.json() == {"error": "Failed to decompress request body"}
 
     document = {
         "resourceSpans": [
@@ -304,14 +328,14 @@ def test_oversized_body_gets_413() -> None:
 
 
 def test_attribute_decoding_rules(receiver: LangfuseReceiver) -> None:
-    """Both metadata forms merge, status code 2 means ERROR, and as_root marks a trace root."""
+    """Both metadata forms merge, status code 2 means ERROR, is_app_root marks a root."""
     body = make_batch(
         {
             "name": "child-as-root",
             "parent": bytes.fromhex("00000000000000ff"),
             "status": (2, "otel says no"),
             "attributes": {
-                "langfuse.internal.as_root": True,
+                "langfuse.internal.is_app_root": True,
                 "langfuse.observation.metadata": '{"a": 1}',
                 "langfuse.observation.metadata.b": '"two"',
                 "langfuse.observation.metadata.c": "not json",
@@ -321,7 +345,12 @@ def test_attribute_decoding_rules(receiver: LangfuseReceiver) -> None:
                 "custom.list": [1, 2, 3],
             },
         },
-        {"name": "warned", "attributes": {"langfuse.observation.level": "WARNING"}},
+        {
+            "name": "warned",
+            "parent": bytes.fromhex("00000000000000ff"),
+            "attributes": {"langfuse.observation.level": "WARNING",
+                           "langfuse.internal.as_root": True},  # not a v4 root flag
+        },
     ).SerializeToString()
     assert post(receiver, body).status_code == 200
     first, second = receiver.observations
@@ -333,7 +362,10 @@ def test_attribute_decoding_rules(receiver: LangfuseReceiver) -> None:
     assert first.tags == ["x", "y"] and first.attributes["custom.list"] == [1, 2, 3]
     assert first.resource_attributes == {"service.name": "receiver-test"}
     assert (second.level, second.type, second.environment) == ("WARNING", "span", "default")
-    assert "(parent" not in receiver.tree(first.trace_id)
+    assert not second.is_root
+    tree = receiver.tree(first.trace_id)
+    assert "child-as-root [span] ERROR 2 ms \"otel says no\" (app root)" in tree
+    assert "warned [span] WARNING 2 ms (parent 00000000000000ff not received)" in tree
 
 
 # --------------------------------------------------------------------------- faults
@@ -442,7 +474,7 @@ def test_duplicates_are_detected(receiver: LangfuseReceiver) -> None:
     assert [len(v) for v in receiver.observations_by_id().values()] == [2, 1]
     assert len(receiver.traces()["ab" * 16]) == 3
     tree = receiver.tree("ab" * 16)
-    assert "root [span] DEFAULT 2.0 ms DUPLICATE x2" in tree
+    assert "root [span] DEFAULT 2 ms DUPLICATE x2" in tree
     assert "   └─ child [span]" in tree
     assert [o.name for o in receiver.find(name="child", type="span", level="DEFAULT")] == ["child"]
 
@@ -476,11 +508,13 @@ def test_wait_for_wakes_when_spans_arrive(receiver: LangfuseReceiver) -> None:
 
 
 def test_legacy_ingestion_scores_are_recorded(receiver: LangfuseReceiver) -> None:
-    """score-create events sent to /api/public/ingestion land in scores, answered 207."""
+    """score-create events land in scores (201); v4's events_only mode refuses the rest (400)."""
+    at = "2026-11-30T00:00:00.000Z"
     batch = {
         "batch": [
-            {"id": "e1", "type": "score-create", "body": {"name": "s", "value": 1}},
-            {"id": "e2", "type": "trace-create", "body": {"id": "t"}},
+            {"id": "e1", "type": "score-create", "timestamp": at, "body": {"name": "s", "value": 1}},
+            {"id": "e2", "type": "trace-create", "timestamp": at, "body": {"id": "t"}},
+            {"id": "e3", "type": "score-create", "body": {"name": "no timestamp", "value": 1}},
         ]
     }
     response = httpx.post(
@@ -490,12 +524,12 @@ def test_legacy_ingestion_scores_are_recorded(receiver: LangfuseReceiver) -> Non
         timeout=5,
     )
     assert response.status_code == 207
-    assert response.json()["successes"] == [
-        {"id": "e1", "status": 201},
-        {"id": "e2", "status": 201},
-    ]
+    assert response.json()["successes"] == [{"id": "e1", "status": 201}]
+    errors = {e["id"]: e for e in response.json()["errors"]}
+    assert errors["e2"]["status"] == 400 and errors["e2"]["message"] == "Event type not accepted"
+    assert errors["e3"]["status"] == 400 and errors["e3"]["message"] == "Invalid request data"
     assert receiver.scores == [{"name": "s", "value": 1}]
-    assert len(receiver.ingestion_events) == 2
+    assert len(receiver.ingestion_events) == 3
 
 
 # --------------------------------------------------------------------------- standalone
