@@ -288,6 +288,95 @@ def test_langfuse_openai_generation_goes_through_the_spool(app, module_receiver,
     [generation] = generations(module_receiver.wait_for(
         generations, timeout=30, what="the OpenAI generation"))
     assert generation.parent_observation_id == task.id
-    assert generation.usage_details.get("prompt_tokens") == 11  # OpenAI naming, as sent
+    # Sent with OpenAI's names; stored by Langfuse as input/output/total.
+    assert generation.usage_details == {"input": 11, "output": 3, "total": 14}
     requests = [r for r in module_receiver.requests if generation.id in r.span_ids]
     assert requests and all(r.headers.get("user-agent") == "celery-langfuse" for r in requests)
+
+
+# -- the trace as Langfuse v4 shows it (see tracing/_task_span.py) ------------------------------
+
+def test_single_task_is_the_parentless_root_of_its_trace(app, module_receiver):
+    """A task sent from outside any trace is its trace's one root, with no parent span id at
+    all, the derived ids, and its name, input and output on the trace."""
+    task_id = run(app, "t.add", 2, 3)
+    [obs] = task_observations(module_receiver, task_id)
+    assert obs.parent_observation_id is None
+    assert obs.id == tracing.root_observation_id_for(task_id)
+    trace = module_receiver.trace(tracing.trace_id_for(task_id))
+    assert [r.id for r in trace.roots] == [obs.id]
+    assert (trace.name, trace.output) == ("t.add", obs.output)
+    assert trace.input == obs.input and "2" in str(trace.input)
+
+
+def test_chain_trace_is_named_after_its_first_task_with_its_input(app, module_receiver):
+    """A chain's trace has one root (the first link): its name and input are the trace's,
+    and no later link is an app root."""
+    workflow = chain(app.signature("t.chain_step", args=["first-input", 1]),
+                     app.signature("t.chain_step", args=[2]),
+                     app.signature("t.chain_step", args=[3]))
+    result = workflow.apply_async()
+    result.get(timeout=30)
+    root_id = result.parent.parent.id
+    trace_id = tracing.trace_id_for(root_id)
+    module_receiver.wait_for(
+        lambda obs: len([o for o in obs if o.trace_id == trace_id
+                         and o.name == "t.chain_step"]) >= 3,
+        timeout=30, what="three chain steps")
+    trace = module_receiver.trace(trace_id)
+    assert [r.metadata.get("task_id") for r in trace.roots] == [root_id]
+    assert trace.name == "t.chain_step"
+    assert "first-input" in str(trace.input)
+    assert not any(o.is_app_root for o in trace.observations if o.id != trace.roots[0].id)
+
+
+def test_chord_is_one_tree_under_its_first_member(app, module_receiver):
+    """A chord whose root id names its first member is one trace with one root; the other
+    members hang under it and the callback under the member that completed the chord."""
+    from celery import chord
+
+    first = str(uuid.uuid4())
+    header = [app.signature("t.add", args=[i, i]) for i in range(3)]
+    header[0].set(task_id=first)
+    result = chord(header, app.signature("t.chain_step", args=[9])).apply_async(root_id=first)
+    result.get(timeout=30)
+    trace_id = tracing.trace_id_for(first)
+    module_receiver.wait_for(
+        lambda obs: len([o for o in obs if o.trace_id == trace_id]) >= 5,
+        timeout=30, what="three members, the callback and its generation")
+    trace = module_receiver.trace(trace_id)
+    [root] = trace.roots
+    assert root.metadata.get("task_id") == first and trace.name == "t.add"
+    members = [o for o in trace.observations if o.name == "t.add" and o.id != root.id]
+    assert len(members) == 2 and all(m.parent_observation_id == root.id for m in members)
+    [callback] = [o for o in trace.observations if o.name == "t.chain_step"]
+    assert callback.parent_observation_id in {root.id, *(m.id for m in members)}
+
+
+def test_retry_attempt_hangs_under_the_attempt_before(app, module_receiver):
+    """Attempt 2 of a retried root task is a child of attempt 1, never a second root."""
+    task_id = run(app, "t.retry")
+    first, second = task_observations(module_receiver, task_id, n=2)
+    assert first.parent_observation_id is None
+    assert second.parent_observation_id == first.id and not second.is_app_root
+    trace = module_receiver.trace(tracing.trace_id_for(task_id))
+    assert [r.id for r in trace.roots] == [first.id]
+
+
+def test_producer_trace_keeps_the_producers_name(app, module_receiver):
+    """A task sent inside a producer's observation is its child, not an app root, so the
+    trace keeps the producer's name and input."""
+    client = Langfuse(public_key=module_receiver.public_key,
+                      secret_key=module_receiver.secret_key,
+                      base_url=module_receiver.base_url, tracer_provider=TracerProvider())
+    with client.start_as_current_observation(name="web-request", input="q") as parent:
+        result = app.send_task("t.add", args=[4, 4])
+    client.flush()
+    result.get(timeout=30)
+    [obs] = task_observations(module_receiver, result.id)
+    assert obs.parent_observation_id == parent.id and not obs.is_app_root
+    module_receiver.wait_for(lambda o: any(x.id == parent.id for x in o), timeout=30,
+                             what="the producer's observation")
+    trace = module_receiver.trace(parent.trace_id)
+    assert (trace.name, trace.input) == ("web-request", "q")
+    assert [r.id for r in trace.roots] == [parent.id]

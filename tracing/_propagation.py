@@ -141,8 +141,15 @@ def inject(headers: MutableMapping[str, Any]) -> None:
         nested = {}
         headers["headers"] = nested
     for key, value in carrier.items():
-        headers.setdefault(key, value)
-        nested.setdefault(key, value)
+        if key in _W3C_KEYS:
+            # The observation publishing the message is its parent, even when the message
+            # copies an older one's headers (``Task.retry`` copies the request's): so attempt
+            # n+1 hangs under attempt n, a chain link under the link before.
+            headers[key] = value
+            nested[key] = value
+        else:
+            headers.setdefault(key, value)
+            nested.setdefault(key, value)
 
 
 @dataclass(frozen=True)
