@@ -512,7 +512,8 @@ def test_legacy_ingestion_scores_are_recorded(receiver: LangfuseReceiver) -> Non
     at = "2026-11-30T00:00:00.000Z"
     batch = {
         "batch": [
-            {"id": "e1", "type": "score-create", "timestamp": at, "body": {"name": "s", "value": 1}},
+            {"id": "e1", "type": "score-create", "timestamp": at,
+             "body": {"name": "s", "value": 1}},
             {"id": "e2", "type": "trace-create", "timestamp": at, "body": {"id": "t"}},
             {"id": "e3", "type": "score-create", "body": {"name": "no timestamp", "value": 1}},
         ]

@@ -74,6 +74,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ._cli import main, receiver_env
+from ._decode import decode_observations as observations_from_otlp
 from ._model import Observation, ReceivedRequest, Trace
 from ._receiver import (
     HEALTH_PATH,
@@ -84,6 +85,7 @@ from ._receiver import (
     LangfuseReceiver,
 )
 from ._state import TRACES_PATH
+from ._traces import build_trace as trace_from
 from ._traces import is_root
 
 try:
@@ -112,5 +114,7 @@ __all__ = [
     "is_root",
     "langfuse_receiver",
     "main",
+    "observations_from_otlp",
     "receiver_env",
+    "trace_from",
 ]
