@@ -12,13 +12,15 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from langfuse import Langfuse
 from langfuse._client.resource_manager import LangfuseResourceManager
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing import load_config
 from tracing._delivery import SendResult
@@ -28,10 +30,12 @@ from tracing._spool import (
     KIND_SPAN,
     SegmentWriter,
     ShipperLock,
+    encode_frame,
     list_segments,
     read_dead_letters,
     scan_file,
     segment_name,
+    span_payload,
 )
 from tracing.testing import LangfuseReceiver
 
@@ -238,3 +242,87 @@ def test_stop_keeps_the_lock_while_a_send_is_still_in_flight(receiver, spool, ma
     finally:
         release.set()
         other.release()
+
+
+def old_span_frame(span: ReadableSpan) -> bytes:
+    """The previous version's encoder: a KIND_SPAN record holding a one-span OTLP request."""
+    context = span.get_span_context()
+    otlp = encode_spans([span]).SerializeToString()
+    return encode_frame(KIND_SPAN, span_payload(
+        context.span_id.to_bytes(8, "big"), context.trace_id.to_bytes(16, "big"), otlp))
+
+
+@pytest.fixture
+def old_spool_spans(spool: Path) -> Iterator[Callable[[int], list[str]]]:
+    """Write ``n`` real SDK spans with the previous version's encoder, as a dead writer."""
+    key = f"pk-lf-{uuid.uuid4().hex[:8]}"
+    captured: list[ReadableSpan] = []
+
+    class Capture(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            captured.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    client = Langfuse(public_key=key, secret_key="sk", base_url="http://127.0.0.1:9",
+                      span_exporter=Capture(), tracer_provider=TracerProvider())
+
+    def make(n: int) -> list[str]:
+        for i in range(n):
+            client.start_observation(name=f"old-{i}").end()
+        client.flush()
+        spool.mkdir(mode=0o700, exist_ok=True)
+        old = spool / segment_name(2**22 + 7, 1, 0)  # a pid-named segment, writer long gone
+        old.write_bytes(b"".join(old_span_frame(span) for span in captured))
+        return [f"{span.context.span_id:016x}" for span in captured]
+
+    yield make
+    client.shutdown()
+    LangfuseResourceManager._instances.pop(key, None)
+
+
+def test_a_spool_written_by_the_previous_version_ships_after_upgrade(
+        receiver, spool, make_spans, old_spool_spans):
+    """Old one-span OTLP records and new compact records on one spool all arrive, once."""
+    old = old_spool_spans(15)
+    new = make_spans(15)
+    stats = shipper_for(receiver, spool).drain(10)
+    assert stats.shipped_spans == 30
+    assert sorted(o.id for o in receiver.observations) == sorted(old + new)
+    assert {o.name for o in receiver.observations} >= {"old-0", "span-0"}
+    assert receiver.duplicates() == {}
+
+
+def test_dead_letters_of_both_record_forms_replay(receiver, spool, make_spans, old_spool_spans):
+    """A rejected old record and a rejected new one are set aside as written, and
+    `dead-letter replay` puts both back so they ship once the cause is fixed."""
+    from click.testing import CliRunner
+
+    from tracing._cli import main
+
+    old = old_spool_spans(4)
+    new = make_spans(4)
+    receiver.set_poison(lambda span: span["name"] in ("old-1", "span-2"))
+    stats = shipper_for(receiver, spool).drain(10)
+    assert stats.dead_lettered == 2
+    assert {letter.payloads[0][24] for letter in read_dead_letters(spool)} == {0x0A, 0x02}
+    receiver.set_poison(None)
+    env = {"LANGFUSE_PUBLIC_KEY": receiver.public_key, "LANGFUSE_SECRET_KEY": receiver.secret_key,
+           "LANGFUSE_BASE_URL": receiver.base_url, "CELERY_LANGFUSE_SPOOL_DIR": str(spool)}
+    replay = CliRunner().invoke(main, ["dead-letter", "replay"], env=env)
+    assert "replayed 2" in replay.output, replay.output
+    shipper_for(receiver, spool).drain(10)
+    assert sorted({o.id for o in receiver.observations}) == sorted(old + new)
+    assert receiver.duplicates() == {} and read_dead_letters(spool) == []
+
+
+def test_an_undecodable_compact_record_is_set_aside_not_sent(receiver, spool, make_spans):
+    """A compact record whose fields do not decode goes to dead-letter/; the rest ship."""
+    ids = make_spans(3)
+    [(segment, _)] = list_segments(spool)
+    with segment.open("ab") as handle:
+        handle.write(encode_frame(KIND_SPAN, bytes(range(24)) + b"\x02not marshal"))
+    stats = shipper_for(receiver, spool).drain(10)
+    assert sorted(o.id for o in receiver.observations) == sorted(ids)
+    assert stats.dead_lettered == 1
+    [letter] = read_dead_letters(spool)
+    assert "undecodable" in letter.reason

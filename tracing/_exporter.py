@@ -3,9 +3,10 @@
 The Langfuse SDK keeps creating spans and batching them in OpenTelemetry's
 ``BatchSpanProcessor``; this exporter is handed to the SDK as its ``span_exporter``, so every
 batch the processor exports is appended to this process's spool segment: one
-``KIND_SPAN`` frame per span (a self-contained OTLP ``ExportTraceServiceRequest`` prefixed
-with the span and trace ids, so the shipper can batch, split and de-duplicate without
-decoding protobuf), all frames of a batch in one ``os.write``.
+``KIND_SPAN`` frame per span, in the compact form of ``_spanrecord`` (the span's fields,
+prefixed with the span and trace ids so the shipper can batch, split and de-duplicate without
+decoding; the shipper turns it into OTLP at send time), all frames of a batch in one
+``os.write``.
 
 A failed write (full disk, unwritable directory) never propagates into the task: the spans
 are counted as dropped and one log line per kind of error says what to do.
@@ -17,24 +18,18 @@ import logging
 import threading
 from collections.abc import Sequence
 
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracing._spool import KIND_SPAN, SegmentWriter, encode_frame, span_payload
+from tracing._spanrecord import span_record
+from tracing._spool import SegmentWriter
 
 logger = logging.getLogger("celery_langfuse")
 
 
 def span_frame(span: ReadableSpan) -> bytes:
-    """One spool frame holding ``span`` as a one-span OTLP request."""
-    context = span.get_span_context()
-    assert context is not None
-    otlp = encode_spans([span]).SerializeToString()
-    ids = span_payload(
-        context.span_id.to_bytes(8, "big"), context.trace_id.to_bytes(16, "big"), otlp
-    )
-    return encode_frame(KIND_SPAN, ids)
+    """One spool frame holding ``span`` (a compact ``KIND_SPAN`` record)."""
+    return span_record(span)
 
 
 class SpoolExporter(SpanExporter):

@@ -21,19 +21,12 @@ from tracing._delivery import (
     verdict,
 )
 from tracing._reader import Item, SpoolReader
+from tracing._spanrecord import otlp_request
 from tracing._spool import write_dead_letter
 from tracing._status import ShipperStats
 from tracing._transport import Transport
 
 logger = logging.getLogger("celery_langfuse")
-
-SPAN_IDS = 24  # a span record's payload starts with its 8-byte span id and 16-byte trace id
-
-
-def otlp_body(payload: bytes) -> bytes:
-    """The OTLP request bytes of one span record."""
-    return payload[SPAN_IDS:]
-
 
 class BatchSender:
     """Sends batches of span records and applies the delivery rules to each answer."""
@@ -57,12 +50,11 @@ class BatchSender:
 
     def deliver(self, items: list[Item], deadline: float | None = None) -> bool:
         """Send ``items``; True if all became done, False if shipping must wait."""
-        spans = [item for item in items if item.payload is not None]
+        spans, bodies = self._encode(items)
         if not spans:
             self.reader.commit(items)
             return True
-        body = b"".join(otlp_body(item.payload) for item in spans if item.payload)
-        result = self.transport.send(body, self._timeout(deadline))
+        result = self.transport.send(b"".join(bodies), self._timeout(deadline))
         self.stats.requests += 1
         self.stats.last_status = result.status
         rule = verdict(result, len(spans))
@@ -83,6 +75,21 @@ class BatchSender:
         self._back_off(result)
         return False
 
+    def _encode(self, items: list[Item]) -> tuple[list[Item], list[bytes]]:
+        """The span items and their OTLP bodies; an undecodable record is set aside."""
+        spans, bodies = [], []
+        for item in items:
+            if item.payload is None:
+                continue
+            try:
+                bodies.append(otlp_request(item.payload))
+            except ValueError as exc:
+                self._set_aside(item.payload, f"{exc} (in {item.path.name})")
+                item.payload = None  # done with the batch, never sent
+                continue
+            spans.append(item)
+        return spans, bodies
+
     def _timeout(self, deadline: float | None) -> float:
         if deadline is None:
             return self.config.http_timeout
@@ -102,14 +109,16 @@ class BatchSender:
 
     def _dead_letter(self, items: list[Item], span: Item, result: SendResult) -> None:
         reason = f"HTTP {result.status} from {self.config.base_url}: {result.body}"
-        payload = span.payload or b""
-        write_dead_letter(self.reader.spool_dir, [payload], reason)
+        self._set_aside(span.payload or b"", f"Langfuse rejected it: {reason}")
         self.reader.commit(items)
+
+    def _set_aside(self, payload: bytes, reason: str) -> None:
+        """The record as written (either body form) goes to dead-letter/, with the reason."""
+        write_dead_letter(self.reader.spool_dir, [payload], reason)
         self.stats.dead_lettered += 1
         logger.error(
-            "celery-langfuse: Langfuse rejected span %s (%s); it was set aside in "
-            "%s/dead-letter (inspect or replay with `python -m tracing dead-letter`)",
-            payload[:8].hex(), reason, self.reader.spool_dir,
+            "celery-langfuse: span %s set aside in %s/dead-letter: %s (inspect or replay with "
+            "`python -m tracing dead-letter`)", payload[:8].hex(), self.reader.spool_dir, reason,
         )
 
     def _pause(self, result: SendResult) -> None:
