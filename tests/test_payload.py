@@ -94,3 +94,108 @@ def test_attribute_text_matches_the_rendering():
     assert render_attribute("plain text", redact=REDACT, max_bytes=10_000) == "plain text"
     capped = json.loads(render_attribute("y" * 5000, redact=REDACT, max_bytes=1000))
     assert capped["truncated"] is True
+
+
+# -- hostile values: any value renders to valid UTF-8 JSON within the cap, never raising -------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tracing._payload import clean_text, render_attribute  # noqa: E402
+
+
+class Raising:
+    """An object every dunder of which raises."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr")
+
+    def __hash__(self) -> int:
+        raise RuntimeError("hash")
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("eq")
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("iter")
+
+
+class RaisingList(list):  # type: ignore[type-arg]
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("iter")
+
+
+class RaisingDict(dict):  # type: ignore[type-arg]
+    def items(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("items")
+
+
+class BadRepr:
+    """Hashable, but its __repr__ raises: a set of these cannot be sorted by repr."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr")
+
+
+def self_referencing() -> list[object]:
+    items: list[object] = []
+    items.append(items)
+    nested: dict[str, object] = {"me": None}
+    nested["me"] = nested
+    items.append(nested)
+    return items
+
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
+                                   exclude_categories=())),
+    st.binary(), st.builds(Raising), st.builds(lambda: 2**70000), st.just("\udc80 lone"),
+    st.builds(self_referencing), st.builds(lambda: RaisingList([1])),
+    st.builds(lambda: RaisingDict(a=1)), st.builds(lambda: {BadRepr(), BadRepr()}),
+)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=6), st.tuples(children, children),
+        st.dictionaries(st.text(max_size=5), children, max_size=6),
+        st.frozensets(st.integers(), max_size=4),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values, st.integers(min_value=256, max_value=4096))
+def test_any_value_renders_to_utf8_json_within_the_cap(value, cap):
+    """Whatever a task takes or returns, the rendering is valid UTF-8 JSON within the cap."""
+    text = render_attribute(value, redact=REDACT, max_bytes=cap)
+    encoded = text.encode("utf-8")  # raises on a lone surrogate
+    assert len(encoded) <= cap + 200
+    json.loads(json.dumps(text))
+    rendered = render(value, redact=REDACT, max_bytes=cap)
+    json.dumps(rendered, ensure_ascii=False).encode("utf-8")
+
+
+def test_hostile_shapes_render_as_placeholders():
+    """Raising dunders, recursion, huge ints and lone surrogates each get a readable stand-in."""
+    rendered = safe({"h": Raising(), "loop": self_referencing(), "big": 2**70000,
+                     "s": "a\udc80b", "set": {BadRepr(), BadRepr()},
+                     "l": RaisingList([1]), "d": RaisingDict(a=1)})
+    assert isinstance(rendered, dict)
+    assert "repr failed" in rendered["h"]
+    assert rendered["loop"][0] == "<recursive list>"
+    assert rendered["big"].startswith("<int of 70001 bits")
+    assert rendered["s"] == "a\ufffdb"
+    assert "render failed" in str(rendered["l"]) and "render failed" in str(rendered["d"])
+    assert len(rendered["set"]) == 2 and all("repr failed" in x for x in rendered["set"])
+    assert clean_text("ok\ud800") == "ok\ufffd"
+
+
+def test_a_wide_self_similar_value_stays_bounded():
+    """A list holding itself 200 times at every level renders in bounded work."""
+    wide: list[object] = []
+    wide.extend([wide] * 200)
+    outer = [[list(wide) for _ in range(50)] for _ in range(50)]
+    text = render_attribute(outer, redact=REDACT, max_bytes=4096)
+    assert len(text.encode("utf-8")) <= 4096 + 200

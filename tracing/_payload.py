@@ -87,11 +87,21 @@ def _too_big(encoded: str, max_bytes: int) -> bool:
 
 
 def _capped(encoded: str, max_bytes: int) -> str:
-    """A bounded preview of an over-long rendering, saying how large it was (JSON text)."""
+    """A bounded preview of an over-long rendering, saying how large it was (JSON text).
+
+    The preview is JSON-escaped inside the marker (quotes and backslashes double), so it is
+    shortened until the whole marker fits ``max_bytes``.
+    """
     raw = encoded.encode("utf-8")
-    preview = raw[: max(0, max_bytes - 120)].decode("utf-8", "ignore")
-    capped = {"truncated": True, "original_bytes": len(raw), "preview": preview}
-    return json.dumps(capped, ensure_ascii=False, separators=(",", ":"))
+    budget = max(0, max_bytes - 120)
+    while True:
+        preview = raw[:budget].decode("utf-8", "ignore")
+        capped = {"truncated": True, "original_bytes": len(raw), "preview": preview}
+        text = json.dumps(capped, ensure_ascii=False, separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+        if size <= max_bytes or budget == 0:
+            return text
+        budget = max(0, budget - (size - max_bytes) - 8)
 
 
 class _Walker:
