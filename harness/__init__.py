@@ -290,16 +290,17 @@ class RedisServer:
 
 class WorkerProcess(Process):
     """A real ``celery -A APP worker`` subprocess, run from ``cwd`` (the repository root) by
-    ``python`` (this interpreter)."""
+    ``python`` (this interpreter), behind ``wrapper`` if given (e.g. ``unshare --pid ...``
+    for a worker in a pid namespace of its own)."""
 
     def __init__(
         self, app: str, env: Mapping[str, str], *, pool: str = "prefork", concurrency: int = 2,
         queue: str | None = None, extra: tuple[str, ...] = (), name: str | None = None,
         inherit_env: bool = True, log_path: Path | None = None, cwd: Path = ROOT,
-        python: str = sys.executable,
+        python: str = sys.executable, wrapper: Sequence[str] = (),
     ) -> None:
         node = name or f"w{uuid.uuid4().hex[:8]}@%h"
-        args = [python, "-m", "celery", "-A", app, "worker", "-P", pool,
+        args = [*wrapper, python, "-m", "celery", "-A", app, "worker", "-P", pool,
                 "-c", str(concurrency), "-n", node, "--loglevel=INFO",
                 "--without-gossip", "--without-mingle", "--without-heartbeat", *extra]
         if queue:
