@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,8 +10,11 @@ from dataclasses import dataclass
 import pytest
 from langfuse import Langfuse
 from langfuse._client.resource_manager import LangfuseResourceManager
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tracing.testing import Observation, Trace, observations_from_otlp, trace_from
 
 
 @dataclass
@@ -32,6 +36,17 @@ class Captured:
 
     def only(self, observation_type: str) -> list[ReadableSpan]:
         return self.spans(observation_type)
+
+    def observations(self) -> list[Observation]:
+        """The finished spans as Langfuse v4 stores them (tracing.testing's rules), in order."""
+        return observations_from_otlp(encode_spans(self.spans()), time.monotonic())
+
+    def trace(self, trace_id: str) -> Trace:
+        """One trace as Langfuse v4 shows it: name, input, output, metadata, roots."""
+        observations = [o for o in self.observations() if o.trace_id == trace_id]
+        if not observations:
+            raise KeyError(trace_id)
+        return trace_from(trace_id, observations)
 
 
 @pytest.fixture

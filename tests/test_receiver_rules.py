@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.capture import Captured
 from tests.test_receiver import make_batch, post
 from tracing.testing import LangfuseReceiver, Observation
 
@@ -307,3 +308,18 @@ def test_installed_plugin_gives_the_fixture_without_a_conftest(tmp_path: Path) -
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_captured_spans_read_as_langfuse_observations_and_traces(captured: Captured) -> None:
+    """The in-memory capture applies the same rules: usage as stored, the trace's name/io."""
+    with captured.langfuse.start_as_current_observation(name="job", input={"q": 1}) as job:
+        with captured.langfuse.start_as_current_observation(
+            name="llm", as_type="generation",
+            usage_details={"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        ):
+            pass
+        job.update(output="done")
+    by_name = {o.name: o for o in captured.observations()}
+    assert by_name["llm"].usage_details == {"input": 2, "output": 1, "total": 3}
+    trace = captured.trace(by_name["job"].trace_id)
+    assert (trace.name, trace.input, trace.output) == ("job", {"q": 1}, "done")
