@@ -219,7 +219,8 @@ def test_secrets_are_redacted_and_payloads_capped(app, module_receiver):
 
 
 def test_tracing_failure_never_breaks_a_task(env, module_receiver):
-    """With failures injected into the tracing layer, tasks still succeed (and it is logged)."""
+    """With failures injected into the tracing layer, tasks still succeed (and it is logged),
+    and each still gets its observation."""
     queue = f"q-{uuid.uuid4().hex[:8]}"
     process = WorkerProcess("tests.apps.traced_app",
                             {**env, "TEST_BREAK_TRACING": "1", "TEST_QUEUE": queue},
@@ -231,7 +232,9 @@ def test_tracing_failure_never_breaks_a_task(env, module_receiver):
         failing = producer.send_task("t.fail", queue=queue)
         with pytest.raises(ValueError, match="boom"):
             failing.get(timeout=30)
-        process.wait_for_line("on_task_prerun failed; the task is unaffected")
+        process.wait_for_line("rendering the task's input failed; the task is unaffected")
+        [obs] = task_observations(module_receiver, failing.id)
+        assert obs.level == "ERROR" and obs.input == "<input could not be rendered>"
         assert process.stop() == 0
     finally:
         process.kill_group()
@@ -380,3 +383,54 @@ def test_producer_trace_keeps_the_producers_name(app, module_receiver):
     trace = module_receiver.trace(parent.trace_id)
     assert (trace.name, trace.input) == ("web-request", "q")
     assert [r.id for r in trace.roots] == [parent.id]
+
+
+# -- hostile payloads and a failing result store: one observation each, generation nested -------
+
+def _generation_under(receiver: LangfuseReceiver, task: Observation) -> Observation:
+    def mine(obs: list[Observation]) -> list[Observation]:
+        return [o for o in obs if o.type == "generation" and o.trace_id == task.trace_id]
+
+    [generation] = mine(receiver.wait_for(mine, timeout=30, what="the task's generation"))
+    assert generation.parent_observation_id == task.id
+    return generation
+
+
+def test_lone_surrogate_in_kwargs_and_result(app, module_receiver):
+    """A lone surrogate in kwargs (valid JSON on the wire) and in the result: the task
+    succeeds with one observation, its input and output valid text, its generation under it."""
+    result = app.send_task("t.echo", kwargs={"value": "x\udc80y"})
+    assert result.get(timeout=30) == "x\udc80y"
+    [task] = task_observations(module_receiver, result.id)
+    assert task.level == "DEFAULT" and "x\ufffdy" in str(task.input)
+    assert task.output == "x\ufffdy"
+    _generation_under(module_receiver, task)
+
+
+@pytest.mark.parametrize("kind", ["surrogate", "bad_repr_set", "recursive"])
+def test_hostile_results_end_their_observation(app, module_receiver, kind):
+    """A task returning a value that is hard to render still has its observation ended as
+    SUCCESS at once (not reported later as a lost worker)."""
+    task_id = run(app, "t.hostile_result", kind)
+    [task] = task_observations(module_receiver, task_id)
+    assert task.level == "DEFAULT" and task.metadata["final_state"] == "SUCCESS"
+    assert isinstance(task.output, (str, list, dict))
+    _generation_under(module_receiver, task)
+
+
+def test_result_store_failure_is_one_observation(app, module_receiver):
+    """When storing the result fails after the body succeeded, the attempt stays one
+    observation (SUCCESS, with its generation) and the store failure is an ERROR event
+    under it, never a second task observation."""
+    task_id = run(app, "t.store_fails")
+    [task] = task_observations(module_receiver, task_id)
+
+    def events(obs: list[Observation]) -> list[Observation]:
+        return [o for o in obs if o.parent_observation_id == task.id and o.type == "event"]
+
+    [event] = events(module_receiver.wait_for(events, timeout=30, what="the store event"))
+    assert event.level == "ERROR" and "ConnectionError" in (event.status_message or "")
+    _generation_under(module_receiver, task)
+    assert task.metadata["final_state"] == "SUCCESS"
+    assert len([o for o in module_receiver.observations
+                if o.metadata.get("task_id") == task_id]) == 1

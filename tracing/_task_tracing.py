@@ -60,6 +60,7 @@ from tracing._task_span import (
 logger = logging.getLogger("celery_langfuse")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 _TRACEBACK_LIMIT = 8000
 
 
@@ -119,11 +120,14 @@ def on_task_prerun(
     request = task.request
     incoming = read_headers(request)
     capture = config.capture_input if options.capture_input is None else options.capture_input
+    input_text = _safely("rendering the task's input", "<input could not be rendered>",
+                         lambda: _render({"args": args, "kwargs": kwargs})) if capture else None
+    metadata = _safely("collecting the task's metadata", {"task_id": task_id},
+                       lambda: task_metadata(task, request, task_id))
     span = start_span(
         task.name, task_id, getattr(request, "root_id", None),
         getattr(request, "retries", 0) or 0, incoming.carrier, options.as_type,
-        input_text=_render({"args": args, "kwargs": kwargs}) if capture else None,
-        metadata=task_metadata(task, request, task_id),
+        input_text=input_text, metadata=metadata,
     )
     # Registered before anything else can fail, so task_postrun always ends the observation
     # and detaches the context: a context left attached would leak into the next task.
@@ -152,6 +156,15 @@ def start_span(
                                   config.release)
     return start_task_span(task_tracer(config.public_key or ""), clean_text(name) or "", context,
                            pinned, attributes, start_time)
+
+
+def _safely(what: str, fallback: T, make: Callable[[], T]) -> T:
+    """``make()``, or ``fallback`` (logged) if it raises: the observation is made anyway."""
+    try:
+        return make()
+    except Exception:
+        logger.exception("celery-langfuse: %s failed; the task is unaffected", what)
+        return fallback
 
 
 def _extract(options: TaskOptions, kwargs: Any) -> TraceAttributes:
@@ -341,7 +354,8 @@ def _end(active: _Active, state: str, retval: Any, task_id: str) -> None:
         outcome = active.outcome or _outcome_for_state(state, retval)
         capture = active.options.capture_output
         capture = runtime.config.capture_output if capture is None else capture
-        output = _render(retval) if capture and state == "SUCCESS" else None
+        output = _safely("rendering the task's result", "<output could not be rendered>",
+                         lambda: _render(retval)) if capture and state == "SUCCESS" else None
         span.set_attributes(end_attributes(
             output, outcome.level, clean_text(outcome.status_message),
             {**outcome.metadata, "final_state": state}))

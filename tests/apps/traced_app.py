@@ -136,3 +136,35 @@ def openai_call(base_url: str) -> str:
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Say hi."}]
     )
     return str(reply.choices[0].message.content)
+
+
+# -- hostile payloads and a failing result store (issue 11) -----------------------------------
+
+from tests.apps.hostile import BadRepr, FailingStore  # noqa: E402
+
+
+@app.task(name="t.echo")
+def echo(value: Any = None, **kwargs: Any) -> Any:
+    """Returns what it got, after a generation: hostile kwargs come back as the result."""
+    _generation("echo-llm", "echo")
+    return value
+
+
+@app.task(name="t.hostile_result", ignore_result=True)
+def hostile_result(kind: str) -> Any:
+    """Returns a value that is hard to render; the result is not stored."""
+    _generation("hostile-llm", kind)
+    if kind == "surrogate":
+        return "bad \udc80 text"
+    if kind == "bad_repr_set":
+        return {BadRepr(), BadRepr()}
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
+
+
+@app.task(name="t.store_fails", base=FailingStore)
+def store_fails() -> str:
+    """Succeeds; storing its result raises ConnectionError (a result store going away)."""
+    _generation("store-llm", "store")
+    return "done"
