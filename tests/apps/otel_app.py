@@ -56,9 +56,11 @@ tracing.instrument(app)
 @app.task(name="o.nested")
 def nested(i: int) -> int:
     """A generation made inside one of the application's own spans."""
-    with trace.get_tracer("the-app").start_as_current_span("app-work"):
-        with get_client().start_as_current_observation(
+    with (
+        trace.get_tracer("the-app").start_as_current_span("app-work"),
+        get_client().start_as_current_observation(
             as_type="generation", name="llm", model="m", input=f"secret prompt {i}",
-        ) as generation:
-            generation.update(output="ok")
+        ) as generation,
+    ):
+        generation.update(output="ok")
     return i
