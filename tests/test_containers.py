@@ -103,8 +103,14 @@ def test_three_containers_share_one_spool(start_container, worker_env, receiver,
     containers[1].kill_group()  # a container killed: its namespace goes with it
     wait_until(lambda: any(not writer_alive(s) for s in segments), 10,
                "the killed container's writers to be seen dead")
+    dead = [spool_dir / s.name for s in segments if not writer_alive(s)]
     receiver.up()
-    second = run_generations(worker_env, N)  # into the survivors' existing segments
+    assert_all_once(receiver, first, timeout=60)
+    # The shipper removes the dead container's shipped segments: that pass is where a live
+    # writer taken for dead would lose its segment too.
+    wait_until(lambda: not any(path.exists() for path in dead), 30,
+               "the killed container's shipped segments to be removed")
+    second = run_generations(worker_env, N)  # appended to the survivors' existing segments
     assert_all_once(receiver, first + second, timeout=60)
 
     for worker in (containers[0], containers[2]):
