@@ -97,7 +97,7 @@ class DiscardTransport:
     def send(self, body: bytes, timeout: float) -> Any:
         from tracing._delivery import SendResult
 
-        gzip.compress(body, compresslevel=5)
+        gzip.compress(body, compresslevel=1)  # HttpTransport's level
         self.bodies += 1
         return SendResult(200)
 
@@ -182,3 +182,102 @@ def prepared_spool(scratch: Path, spans: int) -> tuple[Path, dict[str, Any]]:
     info = prepare_spool(path, spans)
     os.sync()  # the copies and drains read from the page cache, not a dirty writeback
     return path, info
+
+
+# --------------------------------------------------------------------------- before / after
+
+
+def _in_tree(root: Path, code: str, *args: str) -> Any:
+    """Run ``code`` (which prints one JSON line) in a fresh interpreter importing ``root``."""
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True,
+                          text=True, timeout=900, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{root}: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_PREPARE = ("import json, sys, tracing; from pathlib import Path; "
+            "from bench.shipping import prepare_spool; "
+            "print(json.dumps({**prepare_spool(Path(sys.argv[1]), int(sys.argv[2])), "
+            "'tracing': tracing.__file__}))")
+
+
+def compare_versions(before: str, spans: int, rounds: int, scratch: Path) -> list[dict[str, Any]]:
+    """The shipper of commit ``before`` and of this tree, side by side, rounds alternated.
+
+    Each version writes its own spool (its own record form) with its own ``prepare_spool``
+    and drains a fresh copy of it in a fresh interpreter, into the same minimal sink and
+    into the gzip-and-discard transport. ``spans_per_cpu_s`` is spans per second of the
+    shipper's own CPU: spans/s per core.
+    """
+    old_root = scratch / "before"
+    old_root.mkdir()
+    archive = subprocess.run(["git", "archive", before, "tracing", "bench", "tests"], cwd=ROOT,
+                             capture_output=True, check=True, timeout=120).stdout
+    subprocess.run(["tar", "-x", "-C", str(old_root)], input=archive, check=True, timeout=120)
+    roots = {"before": old_root, "after": ROOT}
+    prepared = {}
+    for label, root in roots.items():
+        info = _in_tree(root, _PREPARE, str(scratch / f"prepared-{label}"), str(spans))
+        if not info["tracing"].startswith(str(root)):
+            raise RuntimeError(f"{label} imported {info['tracing']}, not {root}")
+        prepared[label] = (scratch / f"prepared-{label}", info)
+    keys = ("pk-lf-compare", "sk-lf-compare")
+    sink = ReceiverProcess(*keys, module="bench._sink")
+    results: list[dict[str, Any]] = []
+    try:
+        for round_no in range(rounds):
+            order = list(roots) if round_no % 2 == 0 else list(reversed(list(roots)))
+            for label in order:
+                for target in ("sink", "discard"):
+                    spool = scratch / f"{label}-{round_no}-{target}"
+                    shutil.copytree(prepared[label][0], spool)
+                    args = [sys.executable, "-m", "bench._drain", str(spool),
+                            sink.base_url if target == "sink" else "http://127.0.0.1:9", *keys]
+                    done = subprocess.run(args + (["--discard"] if target == "discard" else []),
+                                          cwd=roots[label], capture_output=True, text=True,
+                                          timeout=900, check=False)
+                    shutil.rmtree(spool, ignore_errors=True)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"{label} drain failed: {done.stderr[-2000:]}")
+                    result = json.loads(done.stdout.strip().splitlines()[-1])
+                    cpu = result["shipper_cpu_s"]
+                    results.append({
+                        "version": label, "commit": before if label == "before" else "HEAD",
+                        "target": target, "round": round_no,
+                        "spool_bytes": prepared[label][1]["bytes"],
+                        "spans_per_cpu_s": round(result["shipped_spans"] / cpu, 1) if cpu else 0,
+                        **result,
+                    })
+        results.append({"version": "sink", **sink.sink_stats()})
+    finally:
+        sink.stop()
+    return results
+
+
+def main() -> None:
+    import argparse
+    import platform
+
+    parser = argparse.ArgumentParser(prog="python -m bench.shipping", description=(
+        "Shipper throughput of an earlier commit and of this tree, side by side."))
+    parser.add_argument("--before", required=True, help="commit to compare with")
+    parser.add_argument("--spans", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="append JSON lines here")
+    args = parser.parse_args()
+    command = "python -m bench.shipping " + " ".join(sys.argv[1:])
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = compare_versions(args.before, args.spans, args.rounds, Path(scratch))
+    at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for row in rows:
+        line = {"bench": "shipper_versions", "at": at, "load_avg_1m": os.getloadavg()[0],
+                **row, "command": command, "python": platform.python_version()}
+        print(json.dumps(line))
+        if args.out is not None:
+            with args.out.open("a") as out:
+                out.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()

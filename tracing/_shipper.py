@@ -71,6 +71,7 @@ class Shipper:
         self._final_deadline: float | None = None
         self._thread: threading.Thread | None = None
         self._batch_was_full = False
+        self._status_written = -1e9
 
     # -- the parts the task path and the operator use ----------------------------------------
 
@@ -163,7 +164,7 @@ class Shipper:
         return self._has_lock
 
     def _release(self) -> None:
-        self._write_status()
+        self._write_status(force=True)
         if self._has_lock:
             self._lock.release()
             self._has_lock = False
@@ -203,6 +204,11 @@ class Shipper:
         self._write_status()
         return moved or closed
 
-    def _write_status(self) -> None:
+    def _write_status(self, force: bool = False) -> None:
+        """The status file for the CLI, at most once a second (it is not the kept state)."""
+        now = time.monotonic()
+        if not force and now - self._status_written < 1.0:
+            return
+        self._status_written = now
         self.state()
         write_status(self.spool_dir, self.stats, base_url=self.config.base_url)
