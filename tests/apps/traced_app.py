@@ -168,3 +168,12 @@ def store_fails() -> str:
     """Succeeds; storing its result raises ConnectionError (a result store going away)."""
     _generation("store-llm", "store")
     return "done"
+
+
+@app.task(name="t.many")
+def many(n: int) -> int:
+    """``n`` generations without ever yielding to another greenlet (the gevent/eventlet row)."""
+    client = get_client()
+    for i in range(n):
+        client.start_observation(as_type="generation", name="bulk", input=str(i)).end()
+    return n
