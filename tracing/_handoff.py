@@ -88,7 +88,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 
@@ -104,7 +104,9 @@ __all__ = [
     "HandoffStore",
     "HandoffUnavailable",
     "RecordSource",
+    "broker_url",
     "deployment_key",
+    "drainer_for",
     "handoff_remaining",
     "mask_url",
     "resolve_handoff_url",
@@ -456,3 +458,36 @@ class HandoffDrainer:
         self.store.commit(items)
         self.set_aside += len(items)
         return len(items)
+
+
+def broker_url() -> str | None:
+    """The current Celery app's broker URL (the worker's, in a worker), or None."""
+    try:
+        from celery import current_app
+
+        url = current_app.conf.broker_url
+    except Exception:  # no app configured, or a broken one: no default hand-off
+        return None
+    return str(url) if url else None
+
+
+def drainer_for(
+    config: Any, spool_dir: Path | str, transport: Any, stats: Any,
+    broker: str | None = None,
+) -> HandoffDrainer | None:
+    """The hand-off drainer a shipper runs, or None when hand-off is off (or has no Redis).
+
+    ``config.handoff_url`` is resolved against ``broker`` (default: the current Celery app's
+    broker URL). The drainer sends with its own ``_sending.BatchSender`` over the shipper's
+    ``transport`` and counts into the shipper's ``stats``; its backoff is its own.
+    """
+    url = resolve_handoff_url(config.handoff_url, broker if broker is not None else broker_url())
+    if url is None:
+        return None
+    from tracing._sending import BatchSender  # the shipper's rules; imported late (no cycle)
+
+    store = HandoffStore(url, deployment_key(config.base_url, config.public_key))
+    sender = BatchSender(config, transport, cast(Any, HandoffReader(store, spool_dir)), stats)
+    logger.info("celery-langfuse: hand-off store is Redis stream %s at %s", store.key,
+                mask_url(url))
+    return HandoffDrainer(store, sender.deliver, spool_dir=spool_dir, ready=sender.ready)
