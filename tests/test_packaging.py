@@ -161,7 +161,8 @@ def user_service(tmp_path: Path) -> Path:
 def test_installed_wheel_leaves_the_users_modules_alone(fresh_env: Path, user_service: Path,
                                                         tmp_path: Path) -> None:
     """In the fresh virtualenv, `tracing` comes from the installed wheel, `tasks` and `worker`
-    from the user's service; the wheel declares one top-level name and the console script."""
+    from the user's service; the wheel declares one top-level name, the console script and
+    the `celery langfuse` sub-command."""
     probe = subprocess.run(
         [str(fresh_env), "-c", textwrap.dedent(PROBE), str(fresh_env.parent)],
         capture_output=True, text=True, cwd=user_service, timeout=120,
@@ -175,6 +176,15 @@ def test_installed_wheel_leaves_the_users_modules_alone(fresh_env: Path, user_se
     assert found["worker"] == str(user_service / "worker.py"), found
     assert found["top_level"] == ["tracing"], found
     assert found["console_script"], "the celery-langfuse script is not installed"
+    # the Celery sub-command, with the user's app loaded
+    status = subprocess.run(
+        [str(fresh_env), "-m", "celery", "-A", "worker", "langfuse", "status", "--json"],
+        capture_output=True, text=True, cwd=user_service, timeout=120,
+        env=_clean_env(CELERY_BROKER_URL="memory://", CELERY_RESULT_BACKEND="cache+memory://",
+                       CELERY_LANGFUSE_SPOOL_DIR=str(tmp_path / "spool")),
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout)["spool"]["directory"] == str(tmp_path / "spool")
     # outside the service, nothing called tasks/worker/bench/harness is importable at all
     for name in ("tasks", "worker", "bench", "harness"):
         alone = subprocess.run([str(fresh_env), "-c", f"import {name}"], capture_output=True,
