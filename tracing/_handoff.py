@@ -29,8 +29,8 @@ Each entry is one span record, fields in this order::
 
     v   b"1"                       format version; a drainer sets aside what it cannot read
     k   the record kind, decimal   ``KIND_SPAN`` (1) today: see ``_spool``'s Record framing
-    p   the record payload         for KIND_SPAN: 8-byte span id + 16-byte trace id + the
-                                   one-span OTLP ``ExportTraceServiceRequest``, unchanged
+    p   the record payload         unchanged: for KIND_SPAN the 8-byte span id, the 16-byte
+                                   trace id and the body, OTLP or compact (``_spanrecord``)
 
 The payload keeps its span and trace ids: a record handed off is the very record the spool held,
 and Langfuse sees the same ids whichever worker ships it.
