@@ -82,10 +82,17 @@ def task_tracer(public_key: str) -> Any:
     provider = _sdk.tracer_provider_of(public_key)
     if provider is None:
         raise LangfuseWiringError(f"no Langfuse client for public key {public_key!r}")
+    cached = _tracers.get(public_key)
+    if cached is not None and cached[0] is provider:
+        return cached[1]
     tracer = provider.get_tracer(_sdk.TRACER_NAME, _sdk.sdk_version(),
                                  attributes={"public_key": public_key})
     pin_ids_on(tracer)
+    _tracers[public_key] = (provider, tracer)
     return tracer
+
+
+_tracers: dict[str, tuple[Any, Any]] = {}
 
 
 def _own_provider(config: Config) -> TracerProvider:
