@@ -42,10 +42,12 @@ would release the lock the two share) and takes a lock of its own on its first w
 forked at C level without Python's at-fork hooks keeps the parent looking alive until it
 writes or exits. A writer whose lock file was deleted under it (the directory cleaned up)
 notices at its next segment and takes a new id. ``remove_segment`` removes a dead writer's lock
-file with its last segment; ``sweep_writer_locks`` (run when a shipper takes the spool) removes
-strays. Legacy ``seg-{pid}-{starttime}-...`` segments are alive while ``/proc/{pid}/stat`` shows
-the same start time and no zombie (``kill(pid, 0)`` without /proc), which means something only
-in the pid namespace that wrote them: do not share one spool between containers running an
+file along with any of its segments (a dead writer's lock file and no lock file both read as
+dead); ``sweep_writer_locks`` (run when a shipper takes the spool) removes strays.
+
+Legacy ``seg-{pid}-{starttime}-...`` segments are alive while ``/proc/{pid}/stat`` shows the
+same start time and no zombie (``kill(pid, 0)`` without /proc), which means something only in
+the pid namespace that wrote them: do not share one spool between containers running an
 earlier version and this one.
 
 A spool directory may be shared by several containers (pid namespaces) on one host, through a
@@ -650,30 +652,24 @@ def _lock_file_is(fd: int, path: Path) -> bool:
 
 
 def sweep_writer_locks(spool_dir: StrPath, *, tmp_grace: float = 60.0) -> int:
-    """Remove lock files of dead writers that have no segment left; return how many.
+    """Remove the lock files of dead writers; return how many.
 
-    ``remove_segment`` already removes a writer's lock with its last segment; this catches
-    strays (a writer killed between taking its lock and creating its first segment, or
-    between creating the temporary lock file and renaming it, which is only removed once it
-    is ``tmp_grace`` seconds old so a writer in the middle of those steps is never robbed).
+    ``remove_segment`` already removes a dead writer's lock with a segment; this catches
+    strays (a writer killed before creating its first segment, or between creating the
+    temporary lock file and renaming it: such a file is only removed once it is ``tmp_grace``
+    seconds old, so a writer in the middle of those steps is never robbed).
     """
     d = Path(spool_dir)
     try:
         names = os.listdir(d)
     except FileNotFoundError:
         return 0
-    writing = set()
-    for name in names:
-        seg = parse_segment_name(name)
-        if seg is not None and seg.writer:
-            writing.add(seg.writer)
     removed = 0
     now = time.time()
     for name in names:
         path = d / name
         if name.startswith(WRITER_LOCK_PREFIX) and name.endswith(WRITER_LOCK_SUFFIX):
-            writer = name[len(WRITER_LOCK_PREFIX) : -len(WRITER_LOCK_SUFFIX)]
-            if writer in writing or writer_lock_held(path):
+            if writer_lock_held(path):
                 continue
         elif name.startswith("." + WRITER_LOCK_PREFIX) and name.endswith(_LOCK_TMP_SUFFIX):
             try:
@@ -690,19 +686,11 @@ def sweep_writer_locks(spool_dir: StrPath, *, tmp_grace: float = 60.0) -> int:
 
 
 def _drop_writer_lock_if_done(segment: Path) -> None:
-    """After a segment is removed: remove its writer's lock if the writer is dead and has no
-    other segment here (so lock files do not pile up, one per recycled pool child)."""
+    """After a segment is removed: remove its writer's lock file if the writer is dead, so lock
+    files do not pile up (one per recycled pool child). A dead writer's lock file says nothing
+    its absence does not (both read as dead), and a live writer's is never unlocked."""
     seg = parse_segment_name(segment.name, segment.parent)
-    if seg is None or not seg.writer:
-        return
-    prefix = f"seg-w{seg.writer}-"
-    try:
-        if any(n.startswith(prefix) and n.endswith(SEGMENT_SUFFIX)
-               for n in os.listdir(segment.parent)):
-            return
-    except FileNotFoundError:
-        return
-    lock = seg.lock_path
+    lock = seg.lock_path if seg is not None else None
     if lock is not None and not writer_lock_held(lock):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
