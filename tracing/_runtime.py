@@ -2,10 +2,12 @@
 
 A worker's main process builds the runtime at ``worker_init`` (before the pool forks): the
 spool writer, the spool exporter, the Langfuse client wired to it, and — only there — the
-shipper. Prefork children inherit it through ``fork``: the writer reopens a segment named
-after the child on its first write, OpenTelemetry's batch processor restarts its thread, and
-the shipper reference is dropped (only the main process ships). Solo and threads pools run
-tasks in the main process, which therefore ships its own spans.
+shipper: a process of its own (``_shipproc``), started and supervised by the main process, so
+shipping never takes the interpreter lock from Celery's consumer loop. Prefork children
+inherit the runtime through ``fork``: the writer reopens a segment named after the child on
+its first write, OpenTelemetry's batch processor restarts its thread, and the shipper
+reference is dropped (only the main process supervises). ``ship="thread"`` ships from a
+thread of the calling process instead (``Shipper``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tracing._client import attach_langfuse
 from tracing._config import Config
 from tracing._exporter import SpoolExporter
 from tracing._shipper import Shipper
+from tracing._shipproc import ShipperProcess
 from tracing._spool import SegmentWriter, ensure_spool_dir
 
 logger = logging.getLogger("celery_langfuse")
@@ -35,7 +38,7 @@ class Runtime:
     exporter: SpoolExporter
     client: Langfuse
     processor: Any  # the SDK's LangfuseSpanProcessor, redirected to the spool
-    shipper: Shipper | None
+    shipper: Shipper | ShipperProcess | None
     main_pid: int
 
     def flush(self) -> None:
@@ -49,6 +52,8 @@ class Runtime:
         # Only the main process ships: a forked child must never touch the shipper's lock,
         # cursors or HTTP client, which it shares with its parent after fork.
         if os.getpid() != self.main_pid:
+            if isinstance(self.shipper, ShipperProcess):
+                self.shipper.detach_in_child()
             self.shipper = None
 
 
@@ -59,8 +64,12 @@ def current() -> Runtime | None:
     return _runtime
 
 
-def start(config: Config, *, ship: bool = True) -> Runtime:
-    """Build this process's runtime (idempotent) and start the shipper if ``ship``."""
+def start(config: Config, *, ship: bool | str = True) -> Runtime:
+    """Build this process's runtime (idempotent) and start the shipper if ``ship``.
+
+    ``ship=True`` (or ``"process"``): a shipping process of its own; ``"thread"``: a thread
+    of this process; ``False``: none (another process ships this spool).
+    """
     global _runtime
     if _runtime is not None and _runtime.config == config:
         return _runtime
@@ -68,7 +77,11 @@ def start(config: Config, *, ship: bool = True) -> Runtime:
     writer = SegmentWriter(spool_dir)
     exporter = SpoolExporter(writer)
     client, processor = attach_langfuse(config, exporter)
-    shipper = Shipper(config, exporter) if ship else None
+    shipper: Shipper | ShipperProcess | None = None
+    if ship == "thread":
+        shipper = Shipper(config, exporter)
+    elif ship:
+        shipper = ShipperProcess(config, exporter)
     runtime = Runtime(config, exporter, client, processor, shipper, os.getpid())
     ref = weakref.WeakMethod(runtime._forget_shipper_in_child)
 

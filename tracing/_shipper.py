@@ -50,7 +50,7 @@ class Shipper:
         self, config: Config, exporter: SpoolExporter, *, transport: Transport | None = None,
         poll_interval: float = 0.2, batch_max_spans: int = 1000,
         batch_max_bytes: int = 3 * 1024 * 1024, orphan_grace: float = 5.0,
-        alive: Callable[[SegmentId], bool] = writer_alive,
+        alive: Callable[[SegmentId], bool] = writer_alive, status_interval: float = 1.0,
     ) -> None:
         self.config = config
         self.spool_dir = config.spool_dir
@@ -72,6 +72,7 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._batch_was_full = False
         self._status_written = -1e9
+        self.status_interval = status_interval
 
     # -- the parts the task path and the operator use ----------------------------------------
 
@@ -189,6 +190,12 @@ class Shipper:
 
     def cycle(self, deadline: float | None = None) -> bool:
         """Close orphans, enforce the cap, send one batch. True if anything moved."""
+        try:
+            return self._cycle(deadline)
+        finally:
+            self._write_status()
+
+    def _cycle(self, deadline: float | None) -> bool:
         self.index.refresh()
         closed = self.closer.close_orphans(self.orphan_grace)
         self.reader.enforce_cap(self.config.spool_max_bytes)
@@ -201,13 +208,12 @@ class Shipper:
             return closed
         moved = self.sender.deliver(items, deadline)
         self.reader.pending_bytes()
-        self._write_status()
         return moved or closed
 
     def _write_status(self, force: bool = False) -> None:
-        """The status file for the CLI, at most once a second (it is not the kept state)."""
+        """The status file (for the CLI and a supervising process), every ``status_interval``."""
         now = time.monotonic()
-        if not force and now - self._status_written < 1.0:
+        if not force and now - self._status_written < self.status_interval:
             return
         self._status_written = now
         self.state()

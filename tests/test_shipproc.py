@@ -1,0 +1,134 @@
+"""The shipper in its own process: ships, wakes, stops bounded, is restarted when it dies,
+leaves when its parent does, and the main process still closes a dead child's attempt."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from langfuse import Langfuse
+from langfuse._client.resource_manager import LangfuseResourceManager
+from opentelemetry.sdk.trace import TracerProvider
+
+from tests.support import wait_until
+from tracing import load_config
+from tracing._attempts import OpenAttempt
+from tracing._exporter import SpoolExporter
+from tracing._shipproc import ShipperProcess
+from tracing._spool import SegmentWriter, ShipperLock
+from tracing.testing import LangfuseReceiver
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool"
+
+
+@pytest.fixture
+def write_spans(spool: Path) -> Iterator[Callable[[int, str], list[str]]]:
+    """Write ``n`` real SDK spans named ``<prefix>-<i>`` into the spool; their ids."""
+    key = f"pk-lf-{uuid.uuid4().hex[:8]}"
+    client = Langfuse(public_key=key, secret_key="sk", base_url="http://127.0.0.1:9",
+                      span_exporter=SpoolExporter(SegmentWriter(spool)),
+                      tracer_provider=TracerProvider())
+
+    def write(n: int, prefix: str) -> list[str]:
+        ids = []
+        for i in range(n):
+            obs = client.start_observation(name=f"{prefix}-{i}")
+            obs.end()
+            ids.append(obs.id)
+        client.flush()
+        return ids
+
+    yield write
+    client.shutdown()
+    LangfuseResourceManager._instances.pop(key, None)
+
+
+@pytest.fixture
+def shipper(receiver: LangfuseReceiver, spool: Path) -> Iterator[ShipperProcess]:
+    config = load_config(environ={}, public_key=receiver.public_key,
+                         secret_key=receiver.secret_key, base_url=receiver.base_url,
+                         spool_dir=str(spool), shutdown_timeout=5)
+    process = ShipperProcess(config, SpoolExporter(SegmentWriter(spool)))
+    process.start()
+    yield process
+    process.stop(1)
+
+
+def lock_is_free(spool: Path) -> bool:
+    lock = ShipperLock(spool)
+    if lock.acquire():
+        lock.release()
+        return True
+    return False
+
+
+def test_ships_from_its_own_process_and_stops(receiver, spool, shipper, write_spans):
+    """Spans written by this process arrive once, shipped by a child holding the spool lock;
+    after stop the child is gone and the lock is free."""
+    ids = write_spans(20, "p")
+    shipper.wake()
+    receiver.wait_for_count(20, timeout=30)
+    assert sorted(o.id for o in receiver.observations) == sorted(ids)
+    assert not lock_is_free(spool), "the shipping process holds the lock"
+    state = wait_until(lambda: (s := shipper.state())["shipped_spans"] == 20 and s, 10,
+                       "the status to catch up")
+    assert state["shipper_pid"] != os.getpid()  # type: ignore[index]
+    proc = shipper._proc
+    shipper.stop(2)
+    assert proc is not None and proc.poll() == 0
+    assert lock_is_free(spool) and receiver.duplicates() == {}
+
+
+def test_a_killed_shipper_process_is_restarted(receiver, spool, shipper, write_spans):
+    """SIGKILL the shipping process: the supervisor starts another, which ships what is new."""
+    first = write_spans(5, "a")
+    shipper.wake()
+    # killed only once its cursor is committed: a kill between Langfuse's 200 and the cursor
+    # is the one case that may resend (an unknown outcome)
+    wait_until(lambda: shipper.state()["shipped_spans"] == 5, 30, "5 spans shipped")
+    victim = shipper._proc
+    assert victim is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    wait_until(lambda: shipper._proc is not victim and shipper.restarts == 1, 15,
+               "a restarted shipper process")
+    second = write_spans(5, "b")
+    shipper.wake()
+    receiver.wait_for_count(10, timeout=30)
+    assert sorted(o.id for o in receiver.observations) == sorted(first + second)
+    assert receiver.duplicates() == {}
+
+
+def test_the_shipper_leaves_when_its_parent_is_gone(receiver, spool, shipper, write_spans):
+    """End of file on the control pipe (the worker died) makes the child ship and exit."""
+    ids = write_spans(3, "eof")
+    proc, control = shipper._proc, shipper._control
+    assert proc is not None and control is not None
+    shipper._stopping.set()  # as if the supervisor had died with its process
+    control.close()
+    assert proc.wait(15) == 0
+    assert sorted(o.id for o in receiver.observations) == sorted(ids)
+    assert lock_is_free(spool)
+
+
+def test_main_process_closes_a_dead_childs_attempt(receiver, spool, shipper):
+    """close_attempt in the main process writes the closing span; the child ships it."""
+    attempt = OpenAttempt(task_id="t-lost", name="t.generate", trace_id="ab" * 16,
+                          span_id="cd" * 8, parent_span_id=None, start_ns=1, attributes={})
+    writer = SegmentWriter(spool)
+    writer.append(attempt.frame())
+    assert shipper.close_attempt("t-lost", "worker lost: killed", level="ERROR",
+                                 final_state="FAILURE")
+    [closed] = receiver.wait_for_count(1, timeout=30)
+    assert closed.id == "cd" * 8 and closed.level == "ERROR"
+    assert shipper.close_attempt("t-lost", "again")  # once per task id
+    assert not shipper.close_attempt("t-unknown", "never opened")
+    assert len(receiver.observations) == 1
