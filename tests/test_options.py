@@ -100,3 +100,43 @@ def test_only_spans_that_may_hold_media_go_through_the_sdk_transformer(captured)
     spans = {span.name: span for span in captured.spans()}
     assert not _may_hold_media(spans["plain"])
     assert _may_hold_media(spans["media"])
+
+
+def test_join_modes_are_validated_where_they_are_set():
+    """A join mode other than parent/link/off is refused by task_options, trace_attributes
+    and the configuration, each naming the value."""
+    with pytest.raises(ValueError, match="join='sideways'"):
+        tracing.task_options(join="sideways")
+    with pytest.raises(ValueError, match="join='sideways'"), tracing.trace_attributes(
+            join="sideways"):
+        pass
+    with pytest.raises(tracing.ConfigError, match="CELERY_LANGFUSE_JOIN='sideways'"):
+        tracing.load_config({"CELERY_LANGFUSE_JOIN": "sideways"})
+    assert tracing.load_config({"CELERY_LANGFUSE_JOIN": "LINK"}).join == "link"
+
+
+def test_queue_wait_is_never_negative_and_counts_from_the_eta():
+    """A producer clock ahead of ours gives 0, not a negative wait; an ETA in the past is
+    where the wait starts."""
+    import time
+    from datetime import datetime, timezone
+
+    from tracing._task_tracing import queue_wait_ms
+
+    assert queue_wait_ms(time.time() + 60, None) == 0.0
+    assert queue_wait_ms(None, None) is None
+    eta = datetime.fromtimestamp(time.time() - 1, timezone.utc).isoformat()
+    assert 900 <= (queue_wait_ms(time.time() - 10, eta) or 0) < 5000
+
+
+def test_link_join_moves_the_sender_into_metadata():
+    """join="link" drops the carrier, roots the task in its own trace, and records the
+    sender's trace and observation ids; "off" drops the carrier only."""
+    from tracing._task_tracing import joined
+
+    carrier = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    metadata: dict[str, object] = {}
+    assert joined("link", carrier, "t1", "r1", metadata) == ({}, "t1")
+    assert metadata == {"linked_trace_id": "a" * 32, "linked_observation_id": "b" * 16}
+    assert joined("off", carrier, "t1", "r1", {}) == ({}, "r1")
+    assert joined("parent", carrier, "t1", "r1", {}) == (carrier, "r1")

@@ -60,6 +60,10 @@ def worker(env: dict[str, str]) -> Iterator[WorkerProcess]:
 def app(env: dict[str, str], worker: WorkerProcess) -> Celery:
     producer = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
     producer.conf.task_default_queue = env["TEST_QUEUE"]
+    # What instrument(app) does in a producer that imports the instrumented app module.
+    from tracing._propagation import connect_publish_handler
+
+    connect_publish_handler()
     return producer
 
 
@@ -434,3 +438,80 @@ def test_result_store_failure_is_one_observation(app, module_receiver):
     assert task.metadata["final_state"] == "SUCCESS"
     assert len([o for o in module_receiver.observations
                 if o.metadata.get("task_id") == task_id]) == 1
+
+
+# -- beyond spans: queue wait, joins, versions, prompts, trace URLs (issue 13) -------------------
+
+def test_queue_wait_is_recorded_and_the_observation_starts_with_the_body(app, module_receiver):
+    """A message that waited behind busy workers records how long (queue_wait_ms), and its
+    observation starts when the body starts, not when the message was sent."""
+    busy = [app.send_task("t.sleep", args=[0.6]) for _ in range(2)]
+    sent = datetime.now(timezone.utc)
+    waiting = app.send_task("t.add", args=[1, 1])
+    waiting.get(timeout=30)
+    for result in busy:
+        result.get(timeout=30)
+    [obs] = task_observations(module_receiver, waiting.id)
+    assert obs.metadata["queue_wait_ms"] >= 300
+    assert obs.start_time >= sent + timedelta(milliseconds=300)
+
+
+def test_link_join_starts_a_trace_of_its_own_with_the_senders_ids(app, module_receiver):
+    """With join="link" a task sent inside a producer's observation starts its own trace and
+    names the producer's trace and observation in its metadata; "off" ignores the sender."""
+    client = Langfuse(public_key=module_receiver.public_key,
+                      secret_key=module_receiver.secret_key,
+                      base_url=module_receiver.base_url, tracer_provider=TracerProvider())
+    with client.start_as_current_observation(name="fan-out") as parent:
+        with tracing.trace_attributes(join="link"):
+            linked = app.send_task("t.add", args=[1, 2])
+        with tracing.trace_attributes(join="off"):
+            unlinked = app.send_task("t.add", args=[2, 2])
+    client.flush()
+    [obs] = task_observations(module_receiver, linked.id)
+    assert obs.trace_id == tracing.trace_id_for(linked.id) != parent.trace_id
+    assert obs.parent_observation_id is None
+    assert obs.metadata["linked_trace_id"] == parent.trace_id
+    assert obs.metadata["linked_observation_id"] == parent.id
+    [off] = task_observations(module_receiver, unlinked.id)
+    assert off.trace_id == tracing.trace_id_for(unlinked.id)
+    assert "linked_trace_id" not in off.metadata
+
+
+def test_task_options_set_version_environment_and_join(app, module_receiver):
+    """task_options(version=, environment=, join="link") shape the task's own observation."""
+    client = Langfuse(public_key=module_receiver.public_key,
+                      secret_key=module_receiver.secret_key,
+                      base_url=module_receiver.base_url, tracer_provider=TracerProvider())
+    with client.start_as_current_observation(name="sender") as parent:
+        result = app.send_task("t.versioned")
+    client.flush()
+    [obs] = task_observations(module_receiver, result.id)
+    assert (obs.version, obs.environment) == ("v7", "staging")
+    assert obs.metadata["linked_observation_id"] == parent.id and obs.parent_observation_id is None
+
+
+def test_prompt_linked_generation_arrives_linked_through_the_spool(app, module_receiver):
+    """A generation made with a Langfuse prompt client keeps the prompt's name and version."""
+    task_id = run(app, "t.prompted", "queues")
+    [task] = task_observations(module_receiver, task_id)
+    generation = _generation_under(module_receiver, task)
+    assert generation.attributes["langfuse.observation.prompt.name"] == "summarize-topic"
+    assert generation.attributes["langfuse.observation.prompt.version"] == 3
+
+
+def test_trace_url_for_a_task(module_receiver):
+    """trace_url_for gives the trace's UI address, with the project id looked up once."""
+    from tracing import _urls
+
+    config = tracing.load_config(public_key=module_receiver.public_key,
+                                 secret_key=module_receiver.secret_key,
+                                 base_url=module_receiver.base_url)
+    _urls._projects.clear()
+    assert _urls.trace_url_for("t-1", config=config, timeout=0) is None  # not known yet
+    url = tracing.trace_url_for("t-1", config=config)
+    assert url == (f"{module_receiver.base_url}/project/demo-project/traces/"
+                   f"{tracing.trace_id_for('t-1')}")
+    requests = len(module_receiver.requests)
+    assert tracing.trace_url_for("t-2", root_id="t-1", config=config, timeout=0) == url
+    assert len(module_receiver.requests) == requests, "the project id is cached"

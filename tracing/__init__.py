@@ -18,6 +18,7 @@ from tracing._propagation import TraceAttributes, trace_attributes
 from tracing._scores import score_task
 from tracing._spool import SpoolError
 from tracing._task_span import root_observation_id_for, trace_id_for
+from tracing._urls import trace_url_for
 
 __all__ = [
     "Config",
@@ -33,5 +34,6 @@ __all__ = [
     "task_options",
     "trace_attributes",
     "trace_id_for",
+    "trace_url_for",
     "uninstrument",
 ]

@@ -67,6 +67,7 @@ class Config:
     max_payload_bytes: int = 32 * 1024
     redact_keys: re.Pattern[str] = field(default_factory=lambda: re.compile(DEFAULT_REDACT_PATTERN))
     exclude_tasks: tuple[str, ...] = ()
+    join: str = "parent"  # how tasks join their producer's trace: parent / link / off
     # Objects, given only as instrument() keyword options (no environment variable):
     tracer_provider: Any = None  # the OpenTelemetry TracerProvider Langfuse's spans go through
     should_export_span: Any = None  # Callable[[ReadableSpan], bool]: which spans go to Langfuse
@@ -136,6 +137,7 @@ def load_config(
         max_payload_bytes=reader.size("max_payload_bytes", 32 * 1024, low=256),
         redact_keys=reader.pattern("redact_keys"),
         exclude_tasks=reader.names("exclude_tasks"),
+        join=reader.choice("join", ("parent", "link", "off"), "parent"),
         tracer_provider=reader.provider("tracer_provider"),
         should_export_span=reader.callable("should_export_span"),
         mask=reader.callable("mask"),
@@ -255,6 +257,14 @@ class _Reader:
                 f"{where}={value!r}: expected a regular expression matched against "
                 f"argument names ({exc})"
             ) from None
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        where, value = self._raw(name, PREFIX + name.upper())
+        if value is None or str(value).strip() == "":
+            return default
+        if str(value).strip().lower() not in choices:
+            raise ConfigError(f"{where}={value!r}: expected one of {', '.join(choices)}")
+        return str(value).strip().lower()
 
     def provider(self, name: str) -> Any:
         value = self._options.get(name)

@@ -15,7 +15,8 @@ from typing import Any
 
 from celery import Celery, signals
 
-from tracing import _runtime
+from tracing import _runtime, _urls
+from tracing._beat import connect_beat_handler
 from tracing._config import Config, load_config
 from tracing._propagation import connect_publish_handler, disconnect_publish_handler
 from tracing._spool import SpoolError
@@ -50,6 +51,7 @@ def instrument(app: Celery, **options: Any) -> Config:
     _config = config
     _apps[id(app)] = app
     connect_publish_handler()
+    connect_beat_handler()
     if not config.enabled:
         _disconnect_worker_handlers()
         return config
@@ -103,6 +105,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         return
     try:
         _runtime.start(_config)
+        _urls.warm(_config)
     except SpoolError as exc:
         logger.error("celery-langfuse: %s. Tasks run untraced until this is fixed.", exc)
 

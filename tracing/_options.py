@@ -33,8 +33,13 @@ class TaskOptions:
     capture_input: bool | None = None
     capture_output: bool | None = None
     trace_attributes: AttributeExtractor | None = None
+    join: str | None = None  # how the task joins its producer's trace: parent / link / off
+    version: str | None = None
+    environment: str | None = None
+    release: str | None = None
 
 
+JOIN_MODES = ("parent", "link", "off")
 DEFAULT_OPTIONS = TaskOptions()
 
 
@@ -44,20 +49,31 @@ def task_options(
     capture_input: bool | None = None,
     capture_output: bool | None = None,
     trace_attributes: AttributeExtractor | None = None,
+    join: str | None = None,
+    version: str | None = None,
+    environment: str | None = None,
+    release: str | None = None,
 ) -> Callable[[F], F]:
     """Set how a task is traced. Place it directly under ``@app.task`` / ``@shared_task``.
 
     ``as_type`` is the Langfuse observation type (``span``, ``agent``, ``chain``, ``tool``,
     ...); ``trace_attributes`` receives the task's kwargs and returns any of ``user_id``,
-    ``session_id``, ``tags``, ``metadata``, ``trace_name`` for the trace.
+    ``session_id``, ``tags``, ``metadata``, ``trace_name``, ``version`` for the trace.
+    ``join`` says how the task joins the trace of whoever sent it: ``parent`` (a child of
+    the sender's observation), ``link`` (a trace of its own, with the sender's trace and
+    observation ids in its metadata) or ``off`` (ignore the sender). ``version``,
+    ``environment`` and ``release`` override Langfuse's for this task's observations.
     """
+    if join is not None and join not in JOIN_MODES:
+        raise ValueError(f"task_options(join={join!r}): expected one of {list(JOIN_MODES)}")
     if as_type not in OBSERVATION_TYPES:
         raise ValueError(
             f"task_options(as_type={as_type!r}): expected one of {sorted(OBSERVATION_TYPES)}"
         )
     if trace_attributes is not None and not callable(trace_attributes):
         raise TypeError("task_options(trace_attributes=...) must be a callable over the kwargs")
-    options = TaskOptions(as_type, capture_input, capture_output, trace_attributes)
+    options = TaskOptions(as_type, capture_input, capture_output, trace_attributes, join,
+                          version, environment, release)
 
     def mark(func: F) -> F:
         if _is_celery_task(func):

@@ -4,7 +4,9 @@ A producer wraps ``.delay()`` / ``apply_async()`` / ``send_task()`` in
 :func:`trace_attributes`; a ``before_task_publish`` handler writes what is in force into the
 message headers: ``traceparent`` (and ``tracestate``) of the current OpenTelemetry/Langfuse
 context, so a producer inside an observation gets the task as its child, and
-``celery_langfuse`` (a JSON object: user_id, session_id, tags, metadata, trace_name).
+``celery_langfuse`` (a JSON object: user_id, session_id, tags, metadata, trace_name,
+version, join) and ``celery_langfuse_sent_at`` (the publish time, epoch seconds as text, from
+which the worker computes how long the message waited in the queue).
 
 Celery nests custom headers under ``headers["headers"]`` or not depending on the message
 protocol and on how the task was sent, so both levels are written and both are read.
@@ -18,6 +20,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +33,7 @@ __all__ = ["TraceAttributes", "read_headers", "trace_attributes"]
 logger = logging.getLogger("celery_langfuse")
 
 ATTRIBUTES_HEADER = "celery_langfuse"
+SENT_AT_HEADER = "celery_langfuse_sent_at"
 _W3C_KEYS = ("traceparent", "tracestate")
 _propagator = TraceContextTextMapPropagator()
 
@@ -43,6 +47,8 @@ class TraceAttributes:
     tags: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     trace_name: str | None = None
+    version: str | None = None
+    join: str | None = None  # parent / link / off: how the tasks sent join this trace
 
     def merged(self, other: TraceAttributes) -> TraceAttributes:
         """Values of ``other`` win; tags and metadata are combined."""
@@ -52,6 +58,8 @@ class TraceAttributes:
             tags=tuple(dict.fromkeys(self.tags + other.tags)),
             metadata={**self.metadata, **other.metadata},
             trace_name=other.trace_name or self.trace_name,
+            version=other.version or self.version,
+            join=other.join or self.join,
         )
 
     def to_json(self) -> str:
@@ -69,6 +77,8 @@ class TraceAttributes:
             tags=tuple(str(t) for t in (tags if isinstance(tags, (list, tuple)) else [tags])),
             metadata=dict(metadata) if isinstance(metadata, Mapping) else {"value": metadata},
             trace_name=_text(data.get("trace_name")),
+            version=_text(data.get("version")),
+            join=_text(data.get("join")),
         )
 
 
@@ -89,17 +99,21 @@ def trace_attributes(
     tags: Sequence[str] = (),
     metadata: Mapping[str, Any] | None = None,
     trace_name: str | None = None,
+    version: str | None = None,
+    join: str | None = None,
 ) -> Iterator[TraceAttributes]:
     """Attach trace attributes to every task sent inside the block (nesting combines them).
 
     The W3C ``traceparent`` of the current Langfuse/OpenTelemetry context is attached too,
-    so a producer that is inside an observation gets the task as its child.
+    so a producer that is inside an observation gets the task as its child; ``join`` says
+    how the tasks join it (``parent``, ``link`` or ``off``, see ``task_options``).
     """
+    if join is not None and join not in ("parent", "link", "off"):
+        raise ValueError(f"trace_attributes(join={join!r}): expected parent, link or off")
     connect_publish_handler()
     outer = _current.get() or TraceAttributes()
-    attrs = outer.merged(
-        TraceAttributes(user_id, session_id, tuple(tags), dict(metadata or {}), trace_name)
-    )
+    attrs = outer.merged(TraceAttributes(
+        user_id, session_id, tuple(tags), dict(metadata or {}), trace_name, version, join))
     token = _current.set(attrs)
     try:
         yield attrs
@@ -129,19 +143,17 @@ def _on_before_publish(
 
 def inject(headers: MutableMapping[str, Any]) -> None:
     """Write the current trace context and attributes into both header levels."""
-    carrier: dict[str, str] = {}
+    carrier: dict[str, str] = {SENT_AT_HEADER: f"{time.time():.6f}"}
     _propagator.inject(carrier)
     attrs = _current.get()
     if attrs is not None:
         carrier[ATTRIBUTES_HEADER] = attrs.to_json()
-    if not carrier:
-        return
     nested = headers.get("headers")
     if not isinstance(nested, MutableMapping):
         nested = {}
         headers["headers"] = nested
     for key, value in carrier.items():
-        if key in _W3C_KEYS:
+        if key in _W3C_KEYS or key == SENT_AT_HEADER:
             # The observation publishing the message is its parent, even when the message
             # copies an older one's headers (``Task.retry`` copies the request's): so attempt
             # n+1 hangs under attempt n, a chain link under the link before.
@@ -158,6 +170,7 @@ class IncomingContext:
 
     carrier: dict[str, str]
     attributes: TraceAttributes
+    sent_at: float | None = None
 
 
 def read_headers(request: Any) -> IncomingContext:
@@ -171,13 +184,23 @@ def read_headers(request: Any) -> IncomingContext:
                 sources.append(inner)
     carrier: dict[str, str] = {}
     raw_attrs: Any = None
+    sent_at: Any = None
     for source in sources:
         for key in _W3C_KEYS:
             if key not in carrier and isinstance(source.get(key), str):
                 carrier[key] = source[key]
         if raw_attrs is None:
             raw_attrs = source.get(ATTRIBUTES_HEADER)
-    return IncomingContext(carrier, _parse_attributes(raw_attrs))
+        if sent_at is None:
+            sent_at = source.get(SENT_AT_HEADER)
+    return IncomingContext(carrier, _parse_attributes(raw_attrs), _seconds(sent_at))
+
+
+def _seconds(value: Any) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _parse_attributes(raw: Any) -> TraceAttributes:

@@ -104,10 +104,12 @@ def start_task_span(
 
 def start_attributes(
     as_type: str, input_text: str | None, metadata: Mapping[str, Any],
-    environment: str | None, release: str | None,
+    environment: str | None, release: str | None, version: str | None = None,
 ) -> dict[str, Any]:
     """The attributes the SDK would write for a new observation."""
     attributes: dict[str, Any] = {_NAMES.OBSERVATION_TYPE: as_type}
+    if version:
+        attributes[_NAMES.VERSION] = version
     if input_text is not None:
         attributes[_NAMES.OBSERVATION_INPUT] = input_text
     if environment:

@@ -29,13 +29,16 @@ Every handler catches and logs its own errors: tracing never breaks a task.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import os
+import time
 import traceback
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from langfuse import propagate_attributes
@@ -122,12 +125,18 @@ def on_task_prerun(
     capture = config.capture_input if options.capture_input is None else options.capture_input
     input_text = _safely("rendering the task's input", "<input could not be rendered>",
                          lambda: _render({"args": args, "kwargs": kwargs})) if capture else None
-    metadata = _safely("collecting the task's metadata", {"task_id": task_id},
+    metadata: dict[str, Any] = _safely("collecting the task's metadata", {"task_id": task_id},
                        lambda: task_metadata(task, request, task_id))
+    join = options.join or incoming.attributes.join or config.join
+    carrier, root_id = joined(join, incoming.carrier, task_id,
+                              getattr(request, "root_id", None), metadata)
+    queue_wait = queue_wait_ms(incoming.sent_at, getattr(request, "eta", None))
+    if queue_wait is not None:
+        metadata["queue_wait_ms"] = queue_wait
     span = start_span(
-        task.name, task_id, getattr(request, "root_id", None),
-        getattr(request, "retries", 0) or 0, incoming.carrier, options.as_type,
-        input_text=input_text, metadata=metadata,
+        task.name, task_id, root_id, getattr(request, "retries", 0) or 0, carrier,
+        options.as_type, input_text=input_text, metadata=metadata, options=options,
+        version=options.version or incoming.attributes.version,
     )
     # Registered before anything else can fail, so task_postrun always ends the observation
     # and detaches the context: a context left attached would leak into the next task.
@@ -145,15 +154,18 @@ def on_task_prerun(
 def start_span(
     name: str, task_id: str, root_id: str | None, retries: int, carrier: Mapping[str, str],
     as_type: str, *, input_text: str | None, metadata: Mapping[str, Any],
-    start_time: int | None = None,
+    start_time: int | None = None, options: TaskOptions | None = None,
+    version: str | None = None,
 ) -> Any:
     """Start a task attempt's span where the trace model puts it (see ``_task_span``)."""
     runtime = _runtime.current()
     assert runtime is not None
     config = runtime.config
     context, pinned = placement(carrier, task_id, root_id, retries)
-    attributes = start_attributes(as_type, input_text, metadata, config.environment,
-                                  config.release)
+    attributes = start_attributes(
+        as_type, input_text, metadata,
+        (options and options.environment) or config.environment,
+        (options and options.release) or config.release, version)
     return start_task_span(task_tracer(config.public_key or ""), clean_text(name) or "", context,
                            pinned, attributes, start_time)
 
@@ -165,6 +177,38 @@ def _safely(what: str, fallback: T, make: Callable[[], T]) -> T:
     except Exception:
         logger.exception("celery-langfuse: %s failed; the task is unaffected", what)
         return fallback
+
+
+def joined(
+    join: str, carrier: Mapping[str, str], task_id: str, root_id: str | None,
+    metadata: dict[str, Any],
+) -> tuple[Mapping[str, str], str | None]:
+    """The carrier and root id the attempt is placed by, for a join mode.
+
+    ``parent``: the sender's context as sent. ``link``: a trace of the task's own, the
+    sender's trace and observation ids in metadata (Langfuse renders no OpenTelemetry
+    links). ``off``: the sender's context is ignored.
+    """
+    if join == "parent" or "traceparent" not in carrier:
+        return carrier, root_id
+    if join == "link":
+        parts = carrier["traceparent"].split("-")
+        if len(parts) >= 3:
+            metadata["linked_trace_id"], metadata["linked_observation_id"] = parts[1], parts[2]
+        return {}, task_id
+    return {}, root_id
+
+
+def queue_wait_ms(sent_at: float | None, eta: Any) -> float | None:
+    """How long the message waited before its body started: from the publish time (or its
+    ETA, if later) to now, never negative (another host's clock may be ahead of ours)."""
+    if sent_at is None:
+        return None
+    ready = sent_at
+    if eta:
+        with contextlib.suppress(ValueError):
+            ready = max(ready, datetime.fromisoformat(str(eta)).timestamp())
+    return round(max(0.0, time.time() - ready) * 1000.0, 1)
 
 
 def _extract(options: TaskOptions, kwargs: Any) -> TraceAttributes:
@@ -184,7 +228,7 @@ def _propagate(attributes: TraceAttributes) -> Any:
     return propagate_attributes(
         user_id=attributes.user_id, session_id=attributes.session_id,
         tags=list(attributes.tags) or None, metadata=metadata or None,
-        trace_name=attributes.trace_name,
+        trace_name=attributes.trace_name, version=attributes.version,
     )
 
 

@@ -177,3 +177,34 @@ def many(n: int) -> int:
     for i in range(n):
         client.start_observation(as_type="generation", name="bulk", input=str(i)).end()
     return n
+
+
+@app.task(name="t.prompted")
+def prompted(topic: str) -> str:
+    """A generation linked to a Langfuse prompt (a prompt client made offline)."""
+    from langfuse.api import Prompt_Text
+    from langfuse.model import TextPromptClient
+
+    prompt = TextPromptClient(Prompt_Text(
+        name="summarize-topic", version=3, prompt="Summarize {{topic}}", config={},
+        labels=["production"], tags=[], type="text"))
+    with get_client().start_as_current_observation(
+        as_type="generation", name="prompted-llm", model="m", prompt=prompt,
+        input=prompt.compile(topic=topic),
+    ) as generation:
+        generation.update(output="ok")
+    return "ok"
+
+
+@app.task(name="t.versioned")
+@tracing.task_options(version="v7", environment="staging", join="link")
+def versioned() -> str:
+    """A task whose options set version, environment and a `link` join."""
+    return "ok"
+
+
+if os.environ.get("TEST_BEAT_EVERY"):
+    app.conf.beat_schedule = {
+        "add-every-tick": {"task": "t.add", "schedule": float(os.environ["TEST_BEAT_EVERY"]),
+                           "args": (1, 1)},
+    }
