@@ -515,3 +515,32 @@ def test_trace_url_for_a_task(module_receiver):
     requests = len(module_receiver.requests)
     assert tracing.trace_url_for("t-2", root_id="t-1", config=config, timeout=0) == url
     assert len(module_receiver.requests) == requests, "the project id is cached"
+
+
+def test_publish_observation_shows_where_the_job_left(app, module_receiver):
+    """With publish observations on, a producer inside an observation records an
+    `enqueue <task>` child (task id, routing key) and the task hangs under it."""
+    from tracing import _propagation
+
+    client = Langfuse(public_key=module_receiver.public_key,
+                      secret_key=module_receiver.secret_key,
+                      base_url=module_receiver.base_url, tracer_provider=TracerProvider())
+    _propagation.record_publishes(True)
+    try:
+        with client.start_as_current_observation(name="web-request") as parent:
+            result = app.send_task("t.add", args=[3, 3])
+    finally:
+        _propagation.record_publishes(False)
+    client.flush()
+    result.get(timeout=30)
+    [task] = [o for o in task_observations(module_receiver, result.id, n=2)
+              if o.name == "t.add"]
+    enqueue = module_receiver.wait_for(
+        lambda obs: [o for o in obs if o.name == "enqueue t.add"
+                     and o.metadata.get("task_id") == result.id],
+        timeout=30, what="the enqueue observation")
+    [enqueue_obs] = [o for o in enqueue if o.name == "enqueue t.add"
+                     and o.metadata.get("task_id") == result.id]
+    assert enqueue_obs.parent_observation_id == parent.id
+    assert task.parent_observation_id == enqueue_obs.id
+    assert enqueue_obs.metadata.get("routing_key")

@@ -68,6 +68,7 @@ class Config:
     redact_keys: re.Pattern[str] = field(default_factory=lambda: re.compile(DEFAULT_REDACT_PATTERN))
     exclude_tasks: tuple[str, ...] = ()
     join: str = "parent"  # how tasks join their producer's trace: parent / link / off
+    publish_observation: bool = False  # an `enqueue <task>` child under a producer's span
     # Objects, given only as instrument() keyword options (no environment variable):
     tracer_provider: Any = None  # the OpenTelemetry TracerProvider Langfuse's spans go through
     should_export_span: Any = None  # Callable[[ReadableSpan], bool]: which spans go to Langfuse
@@ -138,6 +139,7 @@ def load_config(
         redact_keys=reader.pattern("redact_keys"),
         exclude_tasks=reader.names("exclude_tasks"),
         join=reader.choice("join", ("parent", "link", "off"), "parent"),
+        publish_observation=reader.flag("publish_observation", False),
         tracer_provider=reader.provider("tracer_provider"),
         should_export_span=reader.callable("should_export_span"),
         mask=reader.callable("mask"),

@@ -18,7 +18,11 @@ from celery import Celery, signals
 from tracing import _runtime, _urls
 from tracing._beat import connect_beat_handler
 from tracing._config import Config, load_config
-from tracing._propagation import connect_publish_handler, disconnect_publish_handler
+from tracing._propagation import (
+    connect_publish_handler,
+    disconnect_publish_handler,
+    record_publishes,
+)
 from tracing._spool import SpoolError
 from tracing._task_tracing import (
     never_raises,
@@ -51,6 +55,7 @@ def instrument(app: Celery, **options: Any) -> Config:
     _config = config
     _apps[id(app)] = app
     connect_publish_handler()
+    record_publishes(config.publish_observation)
     connect_beat_handler()
     if not config.enabled:
         _disconnect_worker_handlers()

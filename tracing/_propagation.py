@@ -26,7 +26,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery import signals
+from opentelemetry import trace as otel_trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from tracing import _sdk
 
 __all__ = ["TraceAttributes", "read_headers", "trace_attributes"]
 
@@ -131,14 +134,44 @@ def disconnect_publish_handler() -> None:
     signals.before_task_publish.disconnect(dispatch_uid="celery_langfuse.publish")
 
 
+_publish_observation = False
+
+
+def record_publishes(enabled: bool) -> None:
+    """Whether a producer inside an observation records an ``enqueue <task>`` child."""
+    global _publish_observation
+    _publish_observation = enabled
+
+
 def _on_before_publish(
-    sender: Any = None, headers: MutableMapping[str, Any] | None = None, **_: Any
+    sender: Any = None, headers: MutableMapping[str, Any] | None = None,
+    routing_key: str | None = None, exchange: Any = None, **_: Any,
 ) -> None:
     try:
-        if headers is not None:
+        if headers is None:
+            return
+        if _publish_observation and otel_trace.get_current_span().is_recording():
+            _inject_under_enqueue(str(sender), headers, routing_key, exchange)
+        else:
             inject(headers)
     except Exception:  # tracing never breaks a publish
         logger.exception("celery-langfuse: could not add trace headers to task %s", sender)
+
+
+def _inject_under_enqueue(
+    task: str, headers: MutableMapping[str, Any], routing_key: str | None, exchange: Any
+) -> None:
+    """An ``enqueue <task>`` observation under the producer's, and the task under it."""
+    from langfuse import get_client
+
+    enqueue = get_client().start_observation(name=f"enqueue {task}", metadata={
+        "task_id": headers.get("id"), "task_name": task, "routing_key": routing_key,
+        "exchange": str(exchange) if exchange is not None else None})
+    try:
+        with otel_trace.use_span(_sdk.otel_span(enqueue), end_on_exit=False):
+            inject(headers)
+    finally:
+        enqueue.end()
 
 
 def inject(headers: MutableMapping[str, Any]) -> None:
