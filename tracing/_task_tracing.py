@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import logging
 import os
 import time
@@ -49,9 +50,10 @@ from tracing import _runtime
 from tracing._attempts import from_span
 from tracing._client import task_tracer
 from tracing._options import TaskOptions, options_for
-from tracing._otel import task_context
+from tracing._otel import drop_counter, task_context
 from tracing._payload import clean_text, render_attribute
 from tracing._propagation import TraceAttributes, read_headers
+from tracing._spool import KIND_DROPPED, encode_frame
 from tracing._task_span import (
     end_attributes,
     placement,
@@ -410,6 +412,26 @@ def _end(active: _Active, state: str, retval: Any, task_id: str) -> None:
         _remember_ended(task_id, state, span)
         if runtime is not None:
             runtime.flush()
+            _report_drops(runtime)
+
+
+_drops_logged = False
+
+
+def _report_drops(runtime: Any) -> None:
+    """Spans OpenTelemetry dropped in this process (its queue was full) go into the spool
+    as a ``KIND_DROPPED`` record, so the shipper's status counts them; logged once."""
+    global _drops_logged
+    count = drop_counter.take()
+    if not count:
+        return
+    payload = json.dumps({"cause": "sdk_queue_full", "count": count}).encode()
+    runtime.write_frames(encode_frame(KIND_DROPPED, payload))
+    if not _drops_logged:
+        _drops_logged = True
+        logger.error("celery-langfuse: OpenTelemetry dropped %d span(s) in process %d because "
+                     "its span queue was full; they are counted in `python -m tracing status`",
+                     count, os.getpid())
 
 
 def _remember_ended(task_id: str, state: str, span: Any) -> None:
