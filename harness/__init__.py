@@ -172,13 +172,18 @@ class Process:
         return f"{self.name} {state} before {what}; its last output:\n{self.output_tail(40)}"
 
     def terminate(self, timeout: float) -> int | None:
-        """SIGTERM the main process only (a worker's warm shutdown); its exit status or None."""
+        """SIGTERM the main process only (a worker's warm shutdown); its exit status or None.
+
+        Once it has exited, its last lines are in :attr:`output` (the pipe is read to its end,
+        within a bound), so a caller can assert on what it logged on the way out."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        self._pump_thread.join(10)
+        return code
 
     def kill_group(self) -> None:
         """SIGKILL the process and every process in its group, and reap it (once)."""
