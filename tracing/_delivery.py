@@ -17,12 +17,18 @@ connection never made                      never earlier than ``Retry-After``
 timeout / reset after the     UNKNOWN      as BACK_OFF: the only case where a record may
 request left                               reach Langfuse twice (its outcome is unknown)
 ============================  ===========  ==============================================
+
+Scores go to ``/api/public/ingestion``, whose 2xx is a 207 with a result per event
+(``event_results``); each event is judged on its own status (``event_verdict``): 2xx done,
+401/403 PAUSE, 408/429/5xx BACK_OFF, any other 4xx REJECT (that event alone is set aside).
+An event the answer does not mention is kept and resent: a score resent is an upsert.
 """
 
 from __future__ import annotations
 
 import email.utils
 import enum
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,3 +148,42 @@ def failure_kind(result: SendResult) -> str:
 def describe(result: SendResult) -> str:
     """A failure for humans: the error, or the status and the start of the body."""
     return result.error or f"HTTP {result.status}: {result.body[:200]}"
+
+
+def event_verdict(status: int) -> Verdict:
+    """The rule for one event's own status in a 207 answer of ``/api/public/ingestion``."""
+    if 200 <= status < 300:
+        return Verdict.DONE
+    if status in AUTH:
+        return Verdict.PAUSE
+    if status in (408, 429) or status >= 500 or status < 400:
+        return Verdict.BACK_OFF
+    return Verdict.REJECT
+
+
+def event_results(body: str) -> dict[str, tuple[int, str]] | None:
+    """Each event id's (status, reason) in a 207 body ``{"successes": [...], "errors": [...]}``.
+
+    None if the body is not such an answer (the caller keeps every event and retries).
+    """
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    results: dict[str, tuple[int, str]] = {}
+    for key in ("successes", "errors"):
+        entries = document.get(key, [])
+        if not isinstance(entries, list):
+            return None
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                continue
+            try:
+                status = int(entry.get("status") or (201 if key == "successes" else 500))
+            except (TypeError, ValueError):
+                status = 500
+            reason = ": ".join(str(entry[k]) for k in ("message", "error") if entry.get(k))
+            results[entry["id"]] = (status, reason)
+    return results

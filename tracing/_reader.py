@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tracing._spool import (
+    KIND_SCORE,
     KIND_SEAL,
     KIND_SPAN,
     ScanResult,
@@ -44,15 +45,18 @@ logger = logging.getLogger("celery_langfuse")
 
 WINDOW_SLACK = 256 * 1024  # read past a full batch, so the record ending it is whole
 _SEAL = encode_frame(KIND_SEAL, b"")
+_SHIPPED = (KIND_SPAN, KIND_SCORE)  # the kinds whose payload is sent to Langfuse
 
 
 @dataclass
 class Item:
-    """A run of spool bytes that becomes done together: one span record, or bytes to skip."""
+    """A run of spool bytes that becomes done together: one span or score record (``kind``), or
+    bytes to skip (payload None)."""
 
     path: Path
     end: int
     payload: bytes | None = None
+    kind: int = KIND_SPAN
 
 
 def is_sealed(path: Path) -> bool:
@@ -151,7 +155,7 @@ class SpoolReader:
             result, cut_by_window = self._scan_window(path, start, size)
         except FileNotFoundError:
             return []
-        items = [Item(path, r.end, r.payload if r.kind == KIND_SPAN else None)
+        items = [Item(path, r.end, r.payload if r.kind in _SHIPPED else None, r.kind)
                  for r in result.records]
         for first, last in result.corrupt:
             self._set_aside_corrupt(path, first, last)

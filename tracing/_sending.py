@@ -1,5 +1,9 @@
 """Sending one batch and acting on the verdict (``_delivery``): commit, split, dead-letter,
-pause or back off, with the log lines an operator needs and nothing more."""
+pause or back off, with the log lines an operator needs and nothing more.
+
+Score records (``KIND_SCORE``) in a batch go to ``_score_sending.ScoreSender`` (another route,
+its own backoff); spans go on as before. Scores live in segments of their own, so each
+kind's cursor moves on its own answers (``_deliver_with_scores``)."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from tracing._delivery import (
     verdict,
 )
 from tracing._reader import Item, SpoolReader
+from tracing._score_sending import ScoreSender, is_score
 from tracing._spanrecord import otlp_request
 from tracing._spool import write_dead_letter
 from tracing._status import ShipperStats
@@ -35,6 +40,7 @@ class BatchSender:
         self, config: Config, transport: Transport, reader: SpoolReader, stats: ShipperStats,
         *, clock: Callable[[], float] = time.monotonic,
         uniform: Callable[[float, float], float] = random.uniform,
+        score_transport: Transport | None = None,
     ) -> None:
         self.config = config
         self.transport = transport
@@ -44,12 +50,16 @@ class BatchSender:
         self.uniform = uniform
         self.backoff = Backoff()
         self._reported: set[str] = set()
+        self.scores = ScoreSender(config, reader, stats, transport=score_transport, clock=clock,
+                                  uniform=uniform)
 
     def ready(self) -> bool:
         return self.backoff.ready(self.clock())
 
     def deliver(self, items: list[Item], deadline: float | None = None) -> bool:
         """Send ``items``; True if all became done, False if shipping must wait."""
+        if any(is_score(item) for item in items):
+            return self._deliver_with_scores(items, deadline)
         spans, bodies = self._encode(items)
         if not spans:
             self.reader.commit(items)
@@ -74,6 +84,31 @@ class BatchSender:
             return False
         self._back_off(result)
         return False
+
+    def _deliver_with_scores(self, items: list[Item], deadline: float | None) -> bool:
+        """Spans of score-free paths first, then each path holding scores in runs of one kind.
+
+        A spool segment holds one kind, so a run is the whole path; a hand-off batch (one
+        path, entries acknowledged one by one) may alternate kinds: runs keep their order.
+        """
+        score_paths = {item.path for item in items if is_score(item)}
+        others = [item for item in items if item.path not in score_paths]
+        ok = self.deliver(others, deadline) if others else True
+        runs: list[tuple[bool, list[Item]]] = []
+        for item in (item for item in items if item.path in score_paths):
+            kind = is_score(item) if item.payload is not None else None
+            if runs and (kind is None or kind == runs[-1][0]):
+                runs[-1][1].append(item)
+            else:
+                runs.append((bool(kind), [item]))
+        for scores, run in runs:
+            if scores:
+                done = self.scores.deliver(run, deadline)
+            else:
+                done = ok and self.deliver(run, deadline)
+            if not done:
+                return False
+        return ok
 
     def _encode(self, items: list[Item]) -> tuple[list[Item], list[bytes]]:
         """The span items and their OTLP bodies; an undecodable record is set aside."""

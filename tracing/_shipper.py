@@ -111,6 +111,7 @@ class Shipper:
         """Last shipping attempt bounded by ``timeout`` seconds; the rest stays on disk."""
         self._final_deadline = time.monotonic() + timeout
         self.sender.backoff = type(self.sender.backoff)()  # one last attempt, whatever it said
+        self.sender.scores.backoff = type(self.sender.backoff)()
         self._stopping.set()
         self._wake.set()
         thread = self._thread

@@ -62,7 +62,8 @@ Each record is one frame, all integers little-endian::
 
     offset  size  field
     0       2     MAGIC  b"\\xc5\\x1f"
-    2       1     kind   KIND_SPAN=1, KIND_OPEN=2, KIND_DROPPED=3 (reserved), KIND_SEAL=4
+    2       1     kind   KIND_SPAN=1, KIND_OPEN=2, KIND_DROPPED=3 (reserved), KIND_SEAL=4,
+                         KIND_SCORE=5
     3       4     length of payload (<= MAX_PAYLOAD; larger means corruption)
     7       4     crc32 over bytes 2..7 (kind + length) followed by the payload
     11      n     payload
@@ -72,13 +73,26 @@ Each record is one frame, all integers little-endian::
 * ``KIND_OPEN``: UTF-8 JSON describing a task attempt that has started (so the shipper can close
   it as ERROR if its process dies before the task ends).
 * ``KIND_DROPPED``: reserved for a marker that records were dropped (counts), not yet written.
+* ``KIND_SCORE``: UTF-8 JSON, one Langfuse ingestion event exactly as the shipper sends it in
+  the ``batch`` of ``POST /api/public/ingestion`` (``_score_record``)::
+
+      {"id": "<event id: 32 hex, drawn once at the call>", "type": "score-create",
+       "timestamp": "<RFC 3339 UTC>", "body": {"id": "<score id>", "traceId": "<32 hex>",
+       "observationId": "<16 hex, optional>", "name": "...", "value": 0.8 | "text" | 0/1,
+       "dataType": "NUMERIC" | "CATEGORICAL" | "BOOLEAN", "comment": "...", ...}}
+
+  The score id is the caller's, or derived from the target and name, so a resend is an upsert
+  in Langfuse, never a second score; the event id, unique per record, keys the per-event
+  result of Langfuse's 207 answer. Score records are written to segments of their own (one
+  ``SegmentWriter`` per process for scores): a segment never mixes scores and spans, so each
+  kind's cursor moves on its own answers.
 * ``KIND_SEAL``: empty payload; the writer appends it as the last frame of a segment it will
   never write again (rotation, ``close()``). A segment is *finished* when it is sealed or its
   writer is dead (``writer_alive``); only a finished segment may be deleted once shipped,
   and only a finished segment's torn tail is garbage. Sealing is what lets a long-lived process's
   rotated segments be reclaimed while it still runs, even with several writers in one process.
 
-Readers ship ``KIND_SPAN``, handle ``KIND_OPEN``, and skip every other kind.
+Readers ship ``KIND_SPAN`` and ``KIND_SCORE``, handle ``KIND_OPEN``, and skip every other kind.
 
 Scanning (``scan`` / ``scan_file``) walks frames from an offset. A frame is accepted only if its
 magic, length and crc are all right. Fewer bytes than a header, or a payload running past the end
@@ -146,6 +160,7 @@ __all__ = [
     "HEADER_SIZE",
     "KIND_DROPPED",
     "KIND_OPEN",
+    "KIND_SCORE",
     "KIND_SEAL",
     "KIND_SPAN",
     "LOCK_NAME",
@@ -195,6 +210,7 @@ KIND_SPAN = 1
 KIND_OPEN = 2
 KIND_DROPPED = 3
 KIND_SEAL = 4
+KIND_SCORE = 5
 # One span's OTLP request is a few KiB to a few MiB (capped input/output); 16 MiB leaves room
 # while letting the scanner reject a length field that can only be a bit flip.
 MAX_PAYLOAD = 16 * 1024 * 1024

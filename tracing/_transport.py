@@ -55,14 +55,19 @@ class HttpTransport:
 
     def __init__(
         self, config: Config, *, transport: httpx.BaseTransport | None = None,
-        compresslevel: int = 1,
+        compresslevel: int = 1, endpoint: str | None = None,
+        headers: dict[str, str] | None = None, compress: bool = True, max_body: int = 500,
     ) -> None:
-        self.endpoint = config.traces_endpoint
+        # endpoint / headers / compress / max_body: another Langfuse route through the same
+        # seam (scores: JSON to /api/public/ingestion, whose 207 body is read whole).
+        self.endpoint = endpoint or config.traces_endpoint
         self.compresslevel = compresslevel
-        self._client = httpx.Client(headers=headers_for(config), transport=transport)
+        self.compress = compress
+        self.max_body = max_body
+        self._client = httpx.Client(headers=headers or headers_for(config), transport=transport)
 
     def send(self, body: bytes, timeout: float) -> SendResult:
-        content = gzip.compress(body, compresslevel=self.compresslevel)
+        content = gzip.compress(body, compresslevel=self.compresslevel) if self.compress else body
         try:
             response = self._client.post(self.endpoint, content=content, timeout=timeout)
         except httpx.HTTPError as exc:
@@ -71,7 +76,7 @@ class HttpTransport:
         return SendResult(
             response.status_code,
             retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
-            body=response.text[:500],
+            body=response.text[: self.max_body],
         )
 
     def close(self) -> None:
