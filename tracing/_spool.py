@@ -68,8 +68,10 @@ Each record is one frame, all integers little-endian::
     7       4     crc32 over bytes 2..7 (kind + length) followed by the payload
     11      n     payload
 
-* ``KIND_SPAN``: 8-byte span id + 16-byte trace id + a serialized OTLP
-  ``ExportTraceServiceRequest`` holding exactly that one span (``span_payload``).
+* ``KIND_SPAN``: 8-byte span id + 16-byte trace id + the span's body (``span_payload``): a
+  compact record of its fields (first byte 0x02), or, as written by version 0.1, a serialized
+  OTLP ``ExportTraceServiceRequest`` holding exactly that one span (first byte 0x0A); the
+  body's format is specified in ``_spanrecord``.
 * ``KIND_OPEN``: UTF-8 JSON describing a task attempt that has started (so the shipper can close
   it as ERROR if its process dies before the task ends).
 * ``KIND_DROPPED``: reserved for a marker that records were dropped (counts), not yet written.
