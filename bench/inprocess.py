@@ -6,8 +6,10 @@
   the two alternate, so drift (CPU frequency, other processes) hits both alike. Nothing is
   shipped (``ship=False``): the shipper's cost is the worker main process's, measured by the
   throughput runs.
-* **Spool append per span**: ``SpoolExporter.export([span])`` for a real task span (OTLP
-  encoding, framing with crc, one ``os.write``), and the bare ``SegmentWriter.append``.
+* **Spool append per span**: ``SpoolExporter.export([span])`` for a real task span (compact
+  record, framing with crc, one ``os.write``), alternating block by block with the previous
+  version's record (OpenTelemetry's OTLP encoder) through the same writer; and the bare
+  ``SegmentWriter.append``.
 * **Task-end force-flush**: ``runtime.flush()`` (the SDK batch processor's
   ``force_flush`` into the spool) with one task's two spans queued, as at task end.
 """
@@ -87,8 +89,21 @@ def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[st
     }
 
 
-def spool_costs(spool_dir: Path, iterations: int) -> dict[str, Any]:
-    """Spool append per span, bare segment write per frame, and the task-end force-flush."""
+def otlp_span_frame(span: Any) -> bytes:
+    """The previous version's record: a one-span OTLP request (OpenTelemetry's encoder)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    from tracing._spool import KIND_SPAN, encode_frame, span_payload
+
+    context = span.get_span_context()
+    return encode_frame(KIND_SPAN, span_payload(
+        context.span_id.to_bytes(8, "big"), context.trace_id.to_bytes(16, "big"),
+        encode_spans([span]).SerializeToString()))
+
+
+def spool_costs(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
+    """Spool append per span (compact record, and the previous OTLP record, in alternating
+    blocks), bare segment write per frame, and the task-end force-flush."""
     from tracing._exporter import span_frame
 
     with traced_runtime(spool_dir) as (_app, runtime):
@@ -96,7 +111,12 @@ def spool_costs(spool_dir: Path, iterations: int) -> dict[str, Any]:
         span = _task_like_span(client)
         frame = span_frame(span)
         exporter, writer = runtime.exporter, runtime.exporter.writer
-        export = _time_block(lambda: exporter.export([span]), iterations)
+        export: list[int] = []
+        export_otlp: list[int] = []
+        for _ in range(max(1, iterations // block)):
+            export += _time_block(lambda: exporter.export([span]), block)
+            export_otlp += _time_block(
+                lambda: exporter.write(otlp_span_frame(span), 1), block)
         write = _time_block(lambda: writer.append(frame), iterations)
         flush: list[int] = []
         for _ in range(iterations):
@@ -104,8 +124,11 @@ def spool_costs(spool_dir: Path, iterations: int) -> dict[str, Any]:
             started = time.perf_counter_ns()
             runtime.flush()
             flush.append(time.perf_counter_ns() - started)
-    return {"append_per_span": summary_us(export), "write_per_frame": summary_us(write),
-            "frame_bytes": len(frame), "force_flush_2_spans": summary_us(flush)}
+    return {"append_per_span": summary_us(export),
+            "append_per_span_previous_otlp_record": summary_us(export_otlp),
+            "write_per_frame": summary_us(write), "frame_bytes": len(frame),
+            "previous_frame_bytes": len(otlp_span_frame(span)),
+            "force_flush_2_spans": summary_us(flush)}
 
 
 def _one_task_of_spans(client: Any) -> None:

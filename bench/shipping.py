@@ -261,22 +261,132 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(prog="python -m bench.shipping", description=(
         "Shipper throughput of an earlier commit and of this tree, side by side."))
-    parser.add_argument("--before", required=True, help="commit to compare with")
+    parser.add_argument("--before", help="commit whose shipper to compare with this tree's")
+    parser.add_argument("--placement", action="store_true",
+                        help="shipper thread in the main process vs shipping process")
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks per placement run")
+    parser.add_argument("--spool-costs", type=int, default=0, metavar="N",
+                        help="also N iterations of bench.inprocess.spool_costs (append/span)")
     parser.add_argument("--spans", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, help="append JSON lines here")
     args = parser.parse_args()
     command = "python -m bench.shipping " + " ".join(sys.argv[1:])
+    if not args.before and not args.placement and not args.spool_costs:
+        parser.error("give --before COMMIT, --placement and/or --spool-costs N")
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        rows = compare_versions(args.before, args.spans, args.rounds, Path(scratch))
+        if args.spool_costs:
+            from bench.inprocess import spool_costs
+
+            rows.append({"bench": "spool_costs",
+                         **spool_costs(Path(scratch) / "costs", args.spool_costs)})
+        if args.before:
+            rows += [{"bench": "shipper_versions", **row} for row in
+                     compare_versions(args.before, args.spans, args.rounds, Path(scratch))]
+        if args.placement:
+            rows += [{"bench": "shipper_placement", **row} for row in
+                     compare_placements(args.tasks, args.rounds, Path(scratch))]
     at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     for row in rows:
-        line = {"bench": "shipper_versions", "at": at, "load_avg_1m": os.getloadavg()[0],
+        line = {"at": at, "load_avg_1m": os.getloadavg()[0],
                 **row, "command": command, "python": platform.python_version()}
         print(json.dumps(line))
         if args.out is not None:
             with args.out.open("a") as out:
                 out.write(json.dumps(line) + "\n")
+
+
+# --------------------------------------------------------------------------- placement
+
+PLACEMENTS = {"thread": "bench.apps.instrumented_thread_shipper",
+              "process": "bench.apps.instrumented"}
+
+
+def _cpu(pid: int) -> float:
+    from bench.throughput import cpu_seconds
+
+    try:
+        return cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _shipper_pids(main_pid: int) -> list[int]:
+    from bench._procs import children_of
+
+    found = []
+    for pid in children_of(main_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"tracing._shipper_main" in cmdline:
+            found.append(pid)
+    return found
+
+
+def placement_once(harness: Any, placement: str, tasks: int, work_ms: float) -> dict[str, Any]:
+    """A prefork worker (-c 2), ``tasks`` traced tasks; CPU of main, pool, shipper process."""
+    import uuid
+
+    from bench._procs import Worker, children_of
+    from bench.throughput import WARMUP_TASKS, generations, run_tasks, wait_delivered
+
+    receiver = harness.receiver
+    receiver.clear()
+    queue = f"place-{placement}-{uuid.uuid4().hex[:6]}"
+    worker = Worker(PLACEMENTS[placement], harness.worker_env(queue, harness.scratch / queue))
+    producer = harness.producer()
+    try:
+        worker.wait_ready()
+        run_tasks(producer, queue, range(-WARMUP_TASKS, 0), work_ms)
+        # measure from when the warm-up arrived: the shipper (thread or process) is running
+        wait_delivered(receiver, WARMUP_TASKS, 60.0)
+        main = worker.proc.pid
+        shippers = _shipper_pids(main)
+        pool = [pid for pid in children_of(main) if pid not in shippers]
+        before = (_cpu(main), sum(map(_cpu, pool)), sum(map(_cpu, shippers)))
+        seconds = run_tasks(producer, queue, range(tasks), work_ms)
+        after = (_cpu(main), sum(map(_cpu, pool)), sum(map(_cpu, shippers)))
+        exit_code = worker.stop()
+    finally:
+        worker.kill()
+        producer.close()
+    wait_delivered(receiver, tasks + WARMUP_TASKS, 30.0)
+    per_1000 = [round((b - a) * 1000.0 * 1000.0 / tasks, 1) for a, b in zip(before, after,
+                                                                            strict=True)]
+    return {"placement": placement, "tasks": tasks, "work_ms": work_ms,
+            "tasks_per_s": round(tasks / seconds, 2), "exit_code": exit_code,
+            "main_cpu_ms_per_1000_tasks": per_1000[0],
+            "pool_cpu_ms_per_1000_tasks": per_1000[1],
+            "shipper_process_cpu_ms_per_1000_tasks": per_1000[2],
+            "delivered_generations": generations(receiver),
+            "expected_generations": tasks + WARMUP_TASKS}
+
+
+def compare_placements(tasks: int, rounds: int, scratch: Path) -> list[dict[str, Any]]:
+    """Thread in the main process vs process of its own, alternated round by round."""
+    import uuid
+
+    from bench._procs import RedisServer
+    from bench.throughput import Harness
+    from tracing.testing import LangfuseReceiver
+
+    rows = []
+    redis_server = RedisServer(scratch)
+    try:
+        key = uuid.uuid4().hex[:8]
+        with LangfuseReceiver(public_key=f"pk-lf-{key}", secret_key=f"sk-lf-{key}") as receiver:
+            harness = Harness(redis_server, receiver, scratch)
+            for round_no in range(rounds):
+                order = list(PLACEMENTS) if round_no % 2 == 0 else list(reversed(PLACEMENTS))
+                for placement in order:
+                    rows.append({"round": round_no,
+                                 **placement_once(harness, placement, tasks, 5.0)})
+    finally:
+        redis_server.stop()
+    return rows
 
 
 if __name__ == "__main__":

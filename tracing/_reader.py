@@ -118,7 +118,7 @@ class SpoolReader:
         spans = size = 0
         segments = list_segments(self.spool_dir)
         for gone in set(self._ahead) - {path for path, _ in segments}:
-            self._forget(gone)
+            self.forget(gone)
         for path, segment in segments:
             for item in self._items(path, segment):
                 items.append(item)
@@ -168,7 +168,8 @@ class SpoolReader:
             self._ahead.setdefault(path, []).extend(items)
         return items
 
-    def _forget(self, path: Path) -> None:
+    def forget(self, path: Path) -> None:
+        """Drop what is kept about a segment that is gone."""
         self._ahead.pop(path, None)
         self._scanned.pop(path, None)
         self._cursors.pop(path, None)
@@ -203,52 +204,56 @@ class SpoolReader:
         )
         return Item(path, size)
 
-    # -- cap and clean-up --------------------------------------------------------------------
 
-    def enforce_cap(self, max_bytes: int) -> None:
-        """Past ``max_bytes`` unshipped, skip the oldest records; count and log them."""
-        excess = self.pending_bytes() - max_bytes
+# -- cap and clean-up --------------------------------------------------------------------
+
+def enforce_cap(reader: SpoolReader, max_bytes: int) -> None:
+    """Past ``max_bytes`` unshipped, skip the oldest records; count and log them."""
+    excess = reader.pending_bytes() - max_bytes
+    if excess <= 0:
+        return
+    dropped_spans = dropped_bytes = 0
+    for path, _ in list_segments(reader.spool_dir):
+        start = reader.cursor(path)
+        records = scan_file(path, start).records
+        done = [r for r in records if r.end - start <= excess] or records[:1]
+        if not done:
+            continue
+        dropped_spans += sum(1 for r in done if r.kind == KIND_SPAN)
+        dropped_bytes += done[-1].end - start
+        reader.commit([Item(path, done[-1].end)])
+        excess -= done[-1].end - start
         if excess <= 0:
-            return
-        dropped_spans = dropped_bytes = 0
-        for path, _ in list_segments(self.spool_dir):
-            start = self.cursor(path)
-            records = scan_file(path, start).records
-            done = [r for r in records if r.end - start <= excess] or records[:1]
-            if not done:
-                continue
-            dropped_spans += sum(1 for r in done if r.kind == KIND_SPAN)
-            dropped_bytes += done[-1].end - start
-            self.commit([Item(path, done[-1].end)])
-            excess -= done[-1].end - start
-            if excess <= 0:
-                break
-        self.pending -= dropped_bytes
-        if not dropped_bytes:
-            return
-        self.stats.dropped_at_cap += dropped_spans
-        logger.warning(
-            "celery-langfuse: spool %s exceeded CELERY_LANGFUSE_SPOOL_MAX_BYTES=%d; dropped the "
-            "oldest %d span(s) (%d bytes), %d dropped so far. Check that Langfuse is reachable "
-            "or raise the cap.", self.spool_dir, max_bytes, dropped_spans, dropped_bytes,
-            self.stats.dropped_at_cap,
-        )
+            break
+    reader.pending -= dropped_bytes
+    if not dropped_bytes:
+        return
+    reader.stats.dropped_at_cap += dropped_spans
+    logger.warning(
+        "celery-langfuse: spool %s exceeded CELERY_LANGFUSE_SPOOL_MAX_BYTES=%d; dropped the "
+        "oldest %d span(s) (%d bytes), %d dropped so far. Check that Langfuse is reachable "
+        "or raise the cap.", reader.spool_dir, max_bytes, dropped_spans, dropped_bytes,
+        reader.stats.dropped_at_cap,
+    )
 
-    def delete_finished(self, keep: set[Path], has_read: Callable[[Path], bool]) -> None:
-        """Remove segments fully done that will never grow (sealed, or their writer dead).
 
-        ``keep``: segments still holding open attempts; ``has_read``: whether the attempt
-        index has read a segment to its end (so it never misses an open attempt in it).
-        """
-        for path, segment in list_segments(self.spool_dir):
-            if path in keep or not has_read(path):
+def delete_finished(
+    reader: SpoolReader, keep: set[Path], has_read: Callable[[Path], bool]
+) -> None:
+    """Remove segments fully done that will never grow (sealed, or their writer dead).
+
+    ``keep``: segments still holding open attempts; ``has_read``: whether the attempt
+    index has read a segment to its end (so it never misses an open attempt in it).
+    """
+    for path, segment in list_segments(reader.spool_dir):
+        if path in keep or not has_read(path):
+            continue
+        try:
+            if path.stat().st_size > reader.cursor(path):
                 continue
-            try:
-                if path.stat().st_size > self.cursor(path):
-                    continue
-                if not (is_sealed(path) or not self.alive(segment)):
-                    continue
-                remove_segment(path)
-            except FileNotFoundError:
-                pass
-            self._forget(path)
+            if not (is_sealed(path) or not reader.alive(segment)):
+                continue
+            remove_segment(path)
+        except FileNotFoundError:
+            pass
+        reader.forget(path)

@@ -32,19 +32,19 @@ from typing import Any
 from tracing._attempts import AttemptCloser, AttemptIndex
 from tracing._config import Config
 from tracing._exporter import SpoolExporter
-from tracing._reader import SpoolReader
+from tracing._reader import SpoolReader, delete_finished, enforce_cap
 from tracing._sending import BatchSender
 from tracing._spool import SegmentId, ShipperLock, writer_alive
 from tracing._status import STATUS_FILE, ShipperStats, write_status
 from tracing._transport import HttpTransport, Transport
 
-__all__ = ["STATUS_FILE", "Shipper", "ShipperStats"]
+__all__ = ["STATUS_FILE", "Shipper", "ShipperCore", "ShipperStats"]
 
 logger = logging.getLogger("celery_langfuse")
 
 
-class Shipper:
-    """Ships one spool to Langfuse, from a background thread or in the caller's (``drain``)."""
+class ShipperCore:
+    """Ships one spool to Langfuse in the caller's thread: ``cycle`` once, or ``drain``."""
 
     def __init__(
         self, config: Config, exporter: SpoolExporter, *, transport: Transport | None = None,
@@ -98,6 +98,73 @@ class Shipper:
     def pending_bytes(self) -> int:
         """Unshipped bytes now (stats every segment; the loop keeps ``state()`` current)."""
         return self.reader.pending_bytes()
+
+    def _acquire(self) -> bool:
+        if not self._has_lock:
+            self._has_lock = self._lock.acquire()
+            if self._has_lock:
+                logger.info("celery-langfuse: shipping spool %s to %s",
+                            self.spool_dir, self.config.base_url)
+        return self._has_lock
+
+    def _release(self) -> None:
+        self._write_status(force=True)
+        if self._has_lock:
+            self._lock.release()
+            self._has_lock = False
+
+    def drain(self, timeout: float) -> ShipperStats:
+        """Ship now, in this thread, until the spool is empty or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        if not self._acquire():
+            raise RuntimeError(f"another shipper holds the lock on {self.spool_dir}")
+        try:
+            while time.monotonic() < deadline:
+                if not self.cycle(deadline):
+                    wait = self.sender.backoff.not_before - time.monotonic()
+                    if wait <= 0 and not self.reader.pending:
+                        break
+                    time.sleep(max(0.05, min(wait, deadline - time.monotonic(), 1.0)))
+        finally:
+            self._release()
+        return self.stats
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    def cycle(self, deadline: float | None = None) -> bool:
+        """Close orphans, enforce the cap, send one batch. True if anything moved."""
+        try:
+            return self._cycle(deadline)
+        finally:
+            self._write_status()
+
+    def _cycle(self, deadline: float | None) -> bool:
+        self.index.refresh()
+        closed = self.closer.close_orphans(self.orphan_grace)
+        enforce_cap(self.reader, self.config.spool_max_bytes)
+        if not self.sender.ready():
+            return closed
+        items, self._batch_was_full = self.reader.next_batch()
+        if not items:
+            delete_finished(self.reader, self.index.segments_with_open_attempts(),
+                            self.index.has_read)
+            return closed
+        moved = self.sender.deliver(items, deadline)
+        self.reader.pending_bytes()
+        return moved or closed
+
+    def _write_status(self, force: bool = False) -> None:
+        """The status file (for the CLI and a supervising process), every ``status_interval``."""
+        now = time.monotonic()
+        if not force and now - self._status_written < self.status_interval:
+            return
+        self._status_written = now
+        self.state()
+        write_status(self.spool_dir, self.stats, base_url=self.config.base_url)
+
+
+class Shipper(ShipperCore):
+    """``ShipperCore`` plus a background thread: ``start`` ships until ``stop``."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -156,66 +223,3 @@ class Shipper:
             return 2.0
         wait = self.sender.backoff.not_before - time.monotonic()
         return max(self.poll_interval, min(wait, 5.0)) if wait > 0 else self.poll_interval
-
-    def _acquire(self) -> bool:
-        if not self._has_lock:
-            self._has_lock = self._lock.acquire()
-            if self._has_lock:
-                logger.info("celery-langfuse: shipping spool %s to %s",
-                            self.spool_dir, self.config.base_url)
-        return self._has_lock
-
-    def _release(self) -> None:
-        self._write_status(force=True)
-        if self._has_lock:
-            self._lock.release()
-            self._has_lock = False
-
-    def drain(self, timeout: float) -> ShipperStats:
-        """Ship now, in this thread, until the spool is empty or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        if not self._acquire():
-            raise RuntimeError(f"another shipper holds the lock on {self.spool_dir}")
-        try:
-            while time.monotonic() < deadline:
-                if not self.cycle(deadline):
-                    wait = self.sender.backoff.not_before - time.monotonic()
-                    if wait <= 0 and not self.reader.pending:
-                        break
-                    time.sleep(max(0.05, min(wait, deadline - time.monotonic(), 1.0)))
-        finally:
-            self._release()
-        return self.stats
-
-    # -- one pass ----------------------------------------------------------------------------
-
-    def cycle(self, deadline: float | None = None) -> bool:
-        """Close orphans, enforce the cap, send one batch. True if anything moved."""
-        try:
-            return self._cycle(deadline)
-        finally:
-            self._write_status()
-
-    def _cycle(self, deadline: float | None) -> bool:
-        self.index.refresh()
-        closed = self.closer.close_orphans(self.orphan_grace)
-        self.reader.enforce_cap(self.config.spool_max_bytes)
-        if not self.sender.ready():
-            return closed
-        items, self._batch_was_full = self.reader.next_batch()
-        if not items:
-            self.reader.delete_finished(self.index.segments_with_open_attempts(),
-                                        self.index.has_read)
-            return closed
-        moved = self.sender.deliver(items, deadline)
-        self.reader.pending_bytes()
-        return moved or closed
-
-    def _write_status(self, force: bool = False) -> None:
-        """The status file (for the CLI and a supervising process), every ``status_interval``."""
-        now = time.monotonic()
-        if not force and now - self._status_written < self.status_interval:
-            return
-        self._status_written = now
-        self.state()
-        write_status(self.spool_dir, self.stats, base_url=self.config.base_url)
