@@ -196,6 +196,24 @@ def _in_tree(root: Path, code: str, *args: str) -> Any:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _rev(commit: str) -> str:
+    return subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, text=True,
+                          capture_output=True, check=True, timeout=60).stdout.strip()
+
+
+def _extract(commit: str, into: Path) -> Path:
+    """The code of ``commit`` (tracing, bench, tests, harness) in ``into``: a snapshot that
+    edits in the working tree during the run cannot change."""
+    into.mkdir()
+    listed = subprocess.run(["git", "ls-tree", "--name-only", commit], cwd=ROOT, text=True,
+                            capture_output=True, check=True, timeout=60).stdout.split()
+    paths = [p for p in ("tracing", "bench", "tests", "harness") if p in listed]
+    archive = subprocess.run(["git", "archive", commit, *paths], cwd=ROOT,
+                             capture_output=True, check=True, timeout=120).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=120)
+    return into
+
+
 _PREPARE = ("import json, sys, tracing; from pathlib import Path; "
             "from bench.shipping import prepare_spool; "
             "print(json.dumps({**prepare_spool(Path(sys.argv[1]), int(sys.argv[2])), "
@@ -203,19 +221,16 @@ _PREPARE = ("import json, sys, tracing; from pathlib import Path; "
 
 
 def compare_versions(before: str, spans: int, rounds: int, scratch: Path) -> list[dict[str, Any]]:
-    """The shipper of commit ``before`` and of this tree, side by side, rounds alternated.
+    """The shipper of commit ``before`` and of HEAD, side by side, rounds alternated.
 
     Each version writes its own spool (its own record form) with its own ``prepare_spool``
     and drains a fresh copy of it in a fresh interpreter, into the same minimal sink and
     into the gzip-and-discard transport. ``spans_per_cpu_s`` is spans per second of the
     shipper's own CPU: spans/s per core.
     """
-    old_root = scratch / "before"
-    old_root.mkdir()
-    archive = subprocess.run(["git", "archive", before, "tracing", "bench", "tests"], cwd=ROOT,
-                             capture_output=True, check=True, timeout=120).stdout
-    subprocess.run(["tar", "-x", "-C", str(old_root)], input=archive, check=True, timeout=120)
-    roots = {"before": old_root, "after": ROOT}
+    commits = {"before": _rev(before), "after": _rev("HEAD")}
+    roots = {"before": _extract(before, scratch / "before"),
+             "after": _extract("HEAD", scratch / "after")}
     prepared = {}
     for label, root in roots.items():
         info = _in_tree(root, _PREPARE, str(scratch / f"prepared-{label}"), str(spans))
@@ -243,7 +258,7 @@ def compare_versions(before: str, spans: int, rounds: int, scratch: Path) -> lis
                     result = json.loads(done.stdout.strip().splitlines()[-1])
                     cpu = result["shipper_cpu_s"]
                     results.append({
-                        "version": label, "commit": before if label == "before" else "HEAD",
+                        "version": label, "commit": commits[label],
                         "target": target, "round": round_no,
                         "spool_bytes": prepared[label][1]["bytes"],
                         "spans_per_cpu_s": round(result["shipped_spans"] / cpu, 1) if cpu else 0,
