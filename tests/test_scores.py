@@ -409,3 +409,44 @@ def test_transport_seam_keeps_its_defaults(config):
     assert result == SendResult(200, body="x" * 500)
     assert str(seen[0].url).endswith("/api/public/otel/v1/traces")
     assert seen[0].headers["Content-Encoding"] == "gzip"
+
+
+class FakeStore:
+    """A hand-off stream in memory: entries taken once, acknowledged one by one."""
+
+    key = "celery-langfuse:handoff:test"
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.acked: list[bytes] = []
+
+    def take(self, count: int) -> list[Any]:
+        taken, self.items = self.items[:count], self.items[count:]
+        return taken
+
+    def claim_deadline(self) -> float:
+        return time.monotonic() + 60
+
+    def commit(self, items: Any) -> None:
+        self.acked += [item.entry_id for item in items]
+
+
+def test_handed_off_scores_are_drained_through_the_score_route(config):
+    """Score entries a stopping worker handed off go to /api/public/ingestion, each acked once."""
+    from tracing._handoff import HandoffDrainer, HandoffItem, HandoffReader
+
+    events = [score_event(trace_id=TRACE, name=n, value=1.0) for n in ("a", "b")]
+    items = [HandoffItem(f"1-{i}".encode(), encode_event(e), KIND_SCORE)
+             for i, e in enumerate(events)]
+    store = FakeStore(items)
+    script = Script(accept_all)
+    stats = ShipperStats()
+    sender = BatchSender(
+        config, HttpTransport(config, transport=httpx.MockTransport(
+            lambda r: pytest.fail("no span was handed off"))),
+        HandoffReader(store, config.spool_dir), stats,  # type: ignore[arg-type]
+        score_transport=ingestion_transport(config, transport=httpx.MockTransport(script)))
+    drainer = HandoffDrainer(store, sender.deliver, spool_dir=config.spool_dir,  # type: ignore[arg-type]
+                             ready=sender.ready)
+    assert drainer.drain_once() == 2
+    assert script.batches == [events] and store.acked == [b"1-0", b"1-1"]

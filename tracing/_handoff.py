@@ -28,9 +28,11 @@ Entry format
 Each entry is one span record, fields in this order::
 
     v   b"1"                       format version; a drainer sets aside what it cannot read
-    k   the record kind, decimal   ``KIND_SPAN`` (1) today: see ``_spool``'s Record framing
+    k   the record kind, decimal   ``KIND_SPAN`` (1) or ``KIND_SCORE`` (5): see ``_spool``'s
+                                   Record framing
     p   the record payload         unchanged: for KIND_SPAN the 8-byte span id, the 16-byte
-                                   trace id and the body, OTLP or compact (``_spanrecord``)
+                                   trace id and the body, OTLP or compact (``_spanrecord``);
+                                   for KIND_SCORE the score-create event's JSON
 
 The payload keeps its span and trace ids: a record handed off is the very record the spool held,
 and Langfuse sees the same ids whichever worker ships it.
