@@ -450,3 +450,20 @@ def test_handed_off_scores_are_drained_through_the_score_route(config):
                              ready=sender.ready)
     assert drainer.drain_once() == 2
     assert script.batches == [events] and store.acked == [b"1-0", b"1-1"]
+
+
+def test_in_a_worker_the_score_goes_to_the_worker_spool_and_wakes_its_shipper(
+        config, producer, monkeypatch):
+    """With a tracing runtime (a worker), a score lands in its spool and wakes its shipper; no
+    shipper of its own starts."""
+    from types import SimpleNamespace
+
+    from tracing import _runtime
+
+    woken: list[bool] = []
+    runtime = SimpleNamespace(config=config, shipper=SimpleNamespace(
+        wake=lambda: woken.append(True)))
+    monkeypatch.setattr(_runtime, "current", lambda: runtime)
+    monkeypatch.setattr(_scores, "_config", None)
+    tracing.score_task("task-9", "helpful", 1.0)
+    assert unshipped(config) == 1 and woken == [True] and producer == []
