@@ -101,3 +101,41 @@ def test_a_rejected_score_is_dead_lettered_alone_by_the_worker(
     assert record.kind == KIND_SCORE and json.loads(record.payload)["id"] == bad["id"]
     assert "HTTP 400" in letter.reason and "value" in letter.reason, letter.reason
     assert sorted(s["name"] for s in receiver.scores) == ["first", "last"]
+
+
+@pytest.mark.slow
+def test_a_producer_no_worker_ships_for_hands_its_scores_to_redis_at_exit(
+    worker_env, receiver, tmp_path
+):
+    """A producer with a spool of its own exits while Langfuse is down: its 5 scores go to the
+    deployment's Redis stream, and the drainer every worker's shipper runs delivers them exactly
+    once when Langfuse is back."""
+    from tracing import load_config
+    from tracing._handoff import drainer_for
+    from tracing._scores import pending_scores
+    from tracing._status import ShipperStats
+    from tracing._transport import HttpTransport
+
+    receiver.down()
+    web_spool = tmp_path / "web-spool"
+    env = {**worker_env, "CELERY_LANGFUSE_SPOOL_DIR": str(web_spool),
+           "CELERY_LANGFUSE_SHUTDOWN_TIMEOUT": "1"}
+    task_ids = [f"web-task-{i}" for i in range(5)]
+    durations, log = run_producer(env, task_ids)
+    assert max(durations) < 0.2, durations
+    assert "handed 5 unshipped" in log and "stay in" not in log, log
+    assert pending_scores(web_spool) == 0
+    receiver.up()
+    config = load_config(environ={**env, "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path / "worker")})
+    drainer = drainer_for(config, config.spool_dir, HttpTransport(config), ShipperStats(),
+                          broker=env["CELERY_BROKER_URL"])
+    assert drainer is not None
+    try:
+        wait_until(lambda: drainer.drain_once() and drainer.store.length() == 0, 30,
+                   "the hand-off stream to drain")
+    finally:
+        drainer.store.close()
+    scores = receiver.scores
+    assert len(scores) == 5 and len({s["id"] for s in scores}) == 5, scores
+    assert sorted(s["traceId"] for s in scores) == sorted(tracing.trace_id_for(t)
+                                                          for t in task_ids)

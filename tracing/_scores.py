@@ -22,6 +22,10 @@ score (every score has an id, so a resend is an upsert).
   waits. At exit, a last attempt bounded by ``CELERY_LANGFUSE_SHUTDOWN_TIMEOUT``; what Langfuse
   did not take stays on disk, said in one log line, for the next shipper of that directory
   (the next score of this program, a worker using it, or ``python -m tracing drain``).
+  When no worker ships that directory and a hand-off store is configured
+  (``CELERY_LANGFUSE_HANDOFF_URL``, by default the Celery broker when it is Redis), those
+  records go to the deployment's Redis stream instead, which every worker's shipper drains
+  (``_handoff``): a web container's disk may be thrown away with it.
 * No Langfuse keys in this process: the score is still written, no shipper starts (it would
   only be refused), one warning names the variables; a shipper with keys sends it later.
 """
@@ -170,7 +174,11 @@ def _start_shipper(config: Config) -> None:
             "worker on that directory, or `python -m tracing drain`)", config.spool_dir)
         return
     # Built in a thread of its own: its HTTP clients cost tens of milliseconds (TLS context),
-    # which must not land on the first caller.
+    # which must not land on the first caller. The hand-off store's client (redis) is imported
+    # there too, or at exit; importing it at exit needs concurrent.futures.thread, which
+    # cannot be imported once the interpreter shuts down: import that now (0.3 ms, once).
+    import concurrent.futures.thread  # noqa: F401
+
     _shipper = _ProducerShipper(config)
     atexit.register(_stop_shipper, _shipper, config)
 
@@ -186,6 +194,7 @@ class _ProducerShipper:
         self._ready.start()
 
     def _build(self) -> None:
+        from tracing import _handoff  # noqa: F401  (imported now: no import works at exit)
         from tracing._exporter import SpoolExporter
         from tracing._shipper import Shipper
 
@@ -209,12 +218,15 @@ class _ProducerShipper:
 
 
 def _stop_shipper(shipper: Any, config: Config) -> None:
-    """At exit: one last attempt, bounded; then one line about what stays on disk."""
+    """At exit: one last attempt, bounded; then the hand-off store, else one log line."""
     if shipper is not _shipper or os.getpid() != _pid:
         return
     try:
         shipper.stop(config.shutdown_timeout)
         left = pending_scores(config.spool_dir)
+        if left:
+            _hand_off(config)
+            left = pending_scores(config.spool_dir)
     except Exception:
         logger.exception("celery-langfuse: stopping the score shipper failed")
         return
@@ -223,6 +235,42 @@ def _stop_shipper(shipper: Any, config: Config) -> None:
             "celery-langfuse: %d score(s) not delivered to Langfuse yet stay in %s; the next "
             "shipper of that directory sends them (this program's next score, a worker using "
             "it, or `python -m tracing drain`)", left, config.spool_dir)
+
+
+def _hand_off(config: Config) -> int:
+    """What Langfuse did not take, into the deployment's Redis stream (``_handoff``), which
+    every worker's shipper drains; only if no other shipper holds this spool (a worker on
+    the same directory ships it anyway). Bounded by the shutdown timeout; Redis unreachable:
+    the records stay on disk (``handoff_remaining`` logs it)."""
+    import time
+
+    from tracing._handoff import (
+        HandoffStore,
+        broker_url,
+        deployment_key,
+        handoff_remaining,
+        resolve_handoff_url,
+    )
+    from tracing._reader import SpoolReader
+    from tracing._spool import ShipperLock
+    from tracing._status import ShipperStats
+
+    url = resolve_handoff_url(config.handoff_url, broker_url())
+    if url is None:
+        return 0
+    lock = ShipperLock(config.spool_dir)
+    if not lock.acquire():
+        return 0
+    try:
+        store = HandoffStore(url, deployment_key(config.base_url, config.public_key))
+        try:
+            return handoff_remaining(
+                store, SpoolReader(config.spool_dir, ShipperStats()), spool_dir=config.spool_dir,
+                deadline=time.monotonic() + config.shutdown_timeout)
+        finally:
+            store.close()
+    finally:
+        lock.release()
 
 
 def pending_scores(spool_dir: Any) -> int:
