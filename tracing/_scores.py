@@ -93,7 +93,8 @@ def score_task(
     compatibility and unused: scores no longer go through the SDK.
 
     Returns the trace id scored, once the score is on local disk (no network call; it never
-    waits for Langfuse). Raises ``ValueError`` for a value Langfuse would refuse.
+    waits for Langfuse). Raises ``ValueError`` for a value Langfuse would refuse, and
+    ``OSError`` if the spool cannot be written (then the score is not recorded).
     """
     del client
     root = root_id or task_id
