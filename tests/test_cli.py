@@ -196,3 +196,22 @@ def test_remote_control_status_and_flush(start_worker, worker_env, receiver):
     answer = only_reply(flush.stdout)
     assert answer["ok"] is True
     assert worker.stop() == 0
+
+
+def test_dead_letter_replay_keeps_scores(tmp_path):
+    """A dead-lettered score is put back on the spool by replay (in a segment of its own),
+    never deleted unreplayed."""
+    from tracing._spool import KIND_SCORE, KIND_SPAN, scan_file, write_dead_letter
+
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o700)
+    write_dead_letter(spool, [b'{"id": "s1", "type": "score-create"}'], "HTTP 400",
+                      kind=KIND_SCORE)
+    env = {"CELERY_LANGFUSE_SPOOL_DIR": str(spool), "LANGFUSE_PUBLIC_KEY": "pk",
+           "LANGFUSE_SECRET_KEY": "sk"}
+    result = CliRunner().invoke(main, ["dead-letter", "replay"], env=env)
+    assert "replayed 1" in result.output, result.output
+    records = [r for path, _ in list_segments(spool) for r in scan_file(path).records]
+    assert [r.kind for r in records if r.kind != 4] == [KIND_SCORE]
+    assert KIND_SPAN not in {r.kind for r in records}
+    assert read_dead_letters(spool) == []

@@ -29,6 +29,7 @@ from tracing._exporter import SpoolExporter
 from tracing._shipper import STATUS_FILE, Shipper
 from tracing._spool import (
     KIND_OPEN,
+    KIND_SCORE,
     KIND_SPAN,
     SegmentWriter,
     encode_frame,
@@ -168,17 +169,24 @@ def dead_letter_list(spool_dir: str | None) -> None:
 @dead_letter.command("replay")
 @spool_option
 def dead_letter_replay(spool_dir: str | None) -> None:
-    """Put dead-lettered span records back on the spool (after fixing the cause)."""
+    """Put dead-lettered span and score records back on the spool (after fixing the cause).
+
+    Scores go to segments of their own, as ``score_task`` writes them, so a score's answer
+    never moves a span segment's cursor.
+    """
     config = _config(spool_dir)
-    writer = SegmentWriter(config.spool_dir)
+    writers = {KIND_SPAN: SegmentWriter(config.spool_dir),
+               KIND_SCORE: SegmentWriter(config.spool_dir)}
     replayed = 0
     for letter in read_dead_letters(config.spool_dir):
-        spans = [r.payload for r in letter.records if r.kind == KIND_SPAN]
-        if spans:
-            writer.append(b"".join(encode_frame(KIND_SPAN, p) for p in spans))
-            replayed += len(spans)
+        for kind, writer in writers.items():
+            payloads = [r.payload for r in letter.records if r.kind == kind]
+            if payloads:
+                writer.append(b"".join(encode_frame(kind, p) for p in payloads))
+                replayed += len(payloads)
         remove_dead_letter(letter.path)
-    writer.close()
+    for writer in writers.values():
+        writer.close()
     click.echo(f"replayed {replayed} record(s); the next shipper sends them")
 
 
