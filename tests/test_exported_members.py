@@ -23,3 +23,12 @@ def test_every_exported_member_exists_and_is_public():
         member = getattr(tracing, name)
         module = getattr(member, "__module__", "tracing")
         assert module == "tracing" or module.startswith("tracing._"), (name, module)
+
+
+def test_every_export_resolves_lazily():
+    """Each public name resolves through the lazy table to the object its module defines."""
+    import importlib
+
+    for name in tracing.__all__:
+        module = importlib.import_module(tracing._EXPORTS[name])
+        assert getattr(tracing, name) is getattr(module, name)

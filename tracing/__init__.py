@@ -11,14 +11,50 @@ Usage::
 Everything public is re-exported here; modules with a leading underscore are internal.
 """
 
-from tracing._config import Config, ConfigError, load_config
-from tracing._instrument import instrument, is_instrumented, uninstrument
-from tracing._options import TaskOptions, task_options
-from tracing._propagation import TraceAttributes, trace_attributes
-from tracing._scores import score_task
-from tracing._spool import SpoolError
-from tracing._task_span import root_observation_id_for, trace_id_for
-from tracing._urls import trace_url_for
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tracing._config import Config, ConfigError, load_config
+    from tracing._instrument import instrument, is_instrumented, uninstrument
+    from tracing._options import TaskOptions, task_options
+    from tracing._propagation import TraceAttributes, trace_attributes
+    from tracing._scores import score_task
+    from tracing._spool import SpoolError
+    from tracing._task_span import root_observation_id_for, trace_id_for
+    from tracing._urls import trace_url_for
+
+# Where each public name lives. Resolved on first use (PEP 562), so importing a submodule
+# (``tracing._cli`` is loaded by every ``celery`` command through the ``celery.commands``
+# entry point) does not import the Langfuse SDK and Celery's worker machinery with it.
+_EXPORTS = {
+    "Config": "tracing._config", "ConfigError": "tracing._config",
+    "load_config": "tracing._config",
+    "instrument": "tracing._instrument", "is_instrumented": "tracing._instrument",
+    "uninstrument": "tracing._instrument",
+    "TaskOptions": "tracing._options", "task_options": "tracing._options",
+    "TraceAttributes": "tracing._propagation", "trace_attributes": "tracing._propagation",
+    "score_task": "tracing._scores",
+    "SpoolError": "tracing._spool",
+    "root_observation_id_for": "tracing._task_span", "trace_id_for": "tracing._task_span",
+    "trace_url_for": "tracing._urls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tracing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "Config",
