@@ -6,8 +6,10 @@ The store rows need no worker; the last rows run real workers on separate spool 
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from typing import Any, cast
 import pytest
 
 from tests.support import RedisServer, free_port, spooled_span_count, wait_until
+from tests.test_lifecycle import assert_all_once, run_generations
 from tracing import load_config
 from tracing._attempts import OpenAttempt, closing_span
 from tracing._config import ConfigError
@@ -216,4 +219,58 @@ def test_stream_key_and_url_settings():
         load_config(environ={"CELERY_LANGFUSE_HANDOFF_URL": "http://h"})
 
 
-_ = shutil, spooled_span_count  # used by the worker rows below
+
+# --------------------------------------------------------------------------- real workers
+
+N = 20
+
+
+def _shipped(spool: Path) -> int:
+    return int(json.loads((spool / "shipper-status.json").read_text())["shipped_spans"])
+
+
+@pytest.mark.slow
+def test_a_worker_gone_for_good_is_shipped_by_another_host(
+    start_worker, worker_env, receiver, tmp_path
+):
+    """Worker A stops warm while Langfuse is down and its spool directory is deleted; every
+    generation and task observation of A's tasks arrives exactly once, shipped by worker B
+    (another spool directory, another "host") from the deployment's Redis."""
+    receiver.down()
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    a = start_worker(env={"CELERY_LANGFUSE_SPOOL_DIR": str(host_a),
+                          "CELERY_LANGFUSE_SHUTDOWN_TIMEOUT": "1"})
+    ids = run_generations(worker_env, N)
+    wait_until(lambda: spooled_span_count(host_a) >= 2 * N, 30, f"{2 * N} spans in A's spool")
+    b = start_worker(env={"CELERY_LANGFUSE_SPOOL_DIR": str(host_b),
+                          "TEST_QUEUE": worker_env["TEST_QUEUE"] + "-b"})
+    assert a.stop() == 0
+    assert f"handed {2 * N} unshipped span record(s)" in a.output, a.output_tail()
+    shutil.rmtree(host_a)  # the container and its disk are gone
+    receiver.up()
+    assert_all_once(receiver, ids, timeout=60)
+    assert b.stop() == 0
+    assert receiver.duplicates() == {}
+    assert _shipped(host_b) == 2 * N, "B did not ship A's records"
+
+
+@pytest.mark.slow
+def test_redis_unreachable_at_handoff_keeps_the_records_on_disk(
+    start_worker, worker_env, receiver, spool_dir
+):
+    """With the hand-off Redis unreachable, a stopping worker still exits in time, logs one
+    line, and its records stay on disk, where the next worker ships them exactly once."""
+    receiver.down()
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    a = start_worker(env={"CELERY_LANGFUSE_SHUTDOWN_TIMEOUT": "1",
+                          "CELERY_LANGFUSE_HANDOFF_URL": dead_redis})
+    ids = run_generations(worker_env, N)
+    wait_until(lambda: spooled_span_count(spool_dir) >= 2 * N, 30, f"{2 * N} spans spooled")
+    started = time.monotonic()
+    assert a.stop() == 0
+    assert time.monotonic() - started < 20, "shutdown must stay bounded when Redis is down"
+    assert a.output.count("could not hand off") == 1, a.output_tail()
+    assert spooled_span_count(spool_dir) == 2 * N
+    receiver.up()
+    start_worker(env={"CELERY_LANGFUSE_HANDOFF_URL": "off"})
+    assert_all_once(receiver, ids)

@@ -80,6 +80,7 @@ a 2xx.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -112,6 +113,7 @@ __all__ = [
     "handoff_remaining",
     "mask_url",
     "resolve_handoff_url",
+    "with_broker",
 ]
 
 logger = logging.getLogger("celery_langfuse")
@@ -475,6 +477,14 @@ def broker_url() -> str | None:
     except Exception:  # no app configured, or a broken one: no default hand-off
         return None
     return str(url) if url else None
+
+
+def with_broker(config: Any) -> Any:
+    """``config`` with an "auto" hand-off URL resolved against this process's Celery broker
+    (``broker_url``): what a shipper in a process of its own, with no Celery app, is given."""
+    if getattr(config, "handoff_url", None) != "auto":
+        return config
+    return dataclasses.replace(config, handoff_url=resolve_handoff_url("auto", broker_url()))
 
 
 def drainer_for(

@@ -23,6 +23,7 @@ from langfuse import Langfuse
 from tracing._client import attach_langfuse
 from tracing._config import Config
 from tracing._exporter import SpoolExporter
+from tracing._handoff import with_broker
 from tracing._shipper import Shipper
 from tracing._shipproc import ShipperProcess
 from tracing._spool import SegmentWriter, ensure_spool_dir
@@ -78,10 +79,11 @@ def start(config: Config, *, ship: bool | str = True) -> Runtime:
     exporter = SpoolExporter(writer)
     client, processor = attach_langfuse(config, exporter)
     shipper: Shipper | ShipperProcess | None = None
+    ship_config = with_broker(config)  # a shipping process has no Celery app to ask
     if ship == "thread":
-        shipper = Shipper(config, exporter)
+        shipper = Shipper(ship_config, exporter)
     elif ship:
-        shipper = ShipperProcess(config, exporter)
+        shipper = ShipperProcess(ship_config, exporter)
     runtime = Runtime(config, exporter, client, processor, shipper, os.getpid())
     ref = weakref.WeakMethod(runtime._forget_shipper_in_child)
 

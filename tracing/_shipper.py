@@ -32,6 +32,7 @@ from typing import Any
 from tracing._attempts import AttemptCloser, AttemptIndex
 from tracing._config import Config
 from tracing._exporter import SpoolExporter
+from tracing._handoff import drainer_for, handoff_remaining
 from tracing._reader import SpoolReader, delete_finished, enforce_cap
 from tracing._sending import BatchSender
 from tracing._spool import SegmentId, ShipperLock, writer_alive
@@ -73,6 +74,8 @@ class ShipperCore:
         self._batch_was_full = False
         self._status_written = -1e9
         self.status_interval = status_interval
+        # The deployment's hand-off stream (``_handoff``): drained while running, fed at stop.
+        self.handoff = drainer_for(config, self.spool_dir, self.transport, self.stats)
 
     # -- the parts the task path and the operator use ----------------------------------------
 
@@ -175,8 +178,10 @@ class Shipper(ShipperCore):
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Last shipping attempt bounded by ``timeout`` seconds; the rest stays on disk."""
-        self._final_deadline = time.monotonic() + timeout
+        """Last shipping attempt bounded by ``timeout`` seconds; the rest is handed off to the
+        deployment's Redis (``_handoff``) within the HTTP timeout's slack, else stays on disk."""
+        started = time.monotonic()
+        self._final_deadline = started + timeout
         self.sender.backoff = type(self.sender.backoff)()  # one last attempt, whatever it said
         self.sender.scores.backoff = type(self.sender.backoff)()
         self._stopping.set()
@@ -191,6 +196,30 @@ class Shipper(ShipperCore):
             # kernel when the process does) so no other shipper resends those records.
             logger.warning("celery-langfuse: the shipper is still sending after %.1fs; it "
                            "keeps the spool lock until that request ends", timeout)
+            return
+        self._hand_off(started + timeout + self.config.http_timeout)
+
+    def _hand_off(self, deadline: float) -> None:
+        """What the last attempt left goes to the hand-off stream: this disk may go with the
+        worker. Only while holding the spool (a shipper that took it over ships it itself)."""
+        if self.handoff is None or not self._acquire():
+            return
+        try:
+            self.index.refresh()
+            self.closer.close_orphans(0.0)  # every writer but this process is gone by now
+            handoff_remaining(self.handoff.store, self.reader, spool_dir=self.spool_dir,
+                              deadline=deadline)
+        except Exception:
+            logger.exception("celery-langfuse: hand-off failed; the records stay in %s",
+                             self.spool_dir)
+        finally:
+            self._release()
+
+    def _drain_handoff(self) -> bool:
+        """One batch from the hand-off stream, under the same rules; never while stopping."""
+        if self.handoff is None or self._stopping.is_set():
+            return False
+        return self.handoff.drain_once() > 0
 
     def _run(self) -> None:
         try:
@@ -199,6 +228,7 @@ class Shipper(ShipperCore):
                 try:
                     if self._acquire():
                         progressed = self.cycle(self._final_deadline)
+                        progressed = self._drain_handoff() or progressed
                 except Exception:
                     logger.exception("celery-langfuse: shipper cycle failed; retrying")
                 if self._stopping.is_set() and not progressed:
