@@ -145,6 +145,15 @@ def test_the_cap_stops_the_handoff_with_a_log_line(store, caplog):
     assert any("maximum of 10 bytes" in r.getMessage() for r in caplog.records)
 
 
+def test_the_stops_deadline_ends_the_handoff_with_a_log_line(store, caplog):
+    """At the stop's deadline the hand-off stops; what is left stays on disk, and a line says so."""
+    source = ListSource([b"a", b"b"], batch=1)
+    with caplog.at_level(logging.ERROR, logger="celery_langfuse"):
+        assert handoff_remaining(store, source, spool_dir="/s", deadline=time.monotonic()) == 0
+    assert source.committed == [] and store.length() == 0
+    assert any("time ran out" in r.getMessage() for r in caplog.records)
+
+
 def test_an_acknowledgement_lost_after_delivery_is_never_resent(store, monkeypatch):
     """If XACK fails after a 2xx, the entries are acknowledged later, not shipped again."""
     store.hand_off([(KIND_SPAN, b"p")])

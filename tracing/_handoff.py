@@ -353,9 +353,14 @@ def handoff_remaining(
     """
     moved = 0
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while True:
             items, _ = source.next_batch()
             if not items:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.error(
+                    "celery-langfuse: the stop's time ran out after handing off %d span "
+                    "record(s); the rest stay in %s", moved, spool_dir)
                 break
             records = [(int(getattr(i, "kind", KIND_SPAN) or KIND_SPAN), i.payload)
                        for i in items if i.payload is not None]
