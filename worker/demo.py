@@ -370,6 +370,50 @@ def stop_worker(worker: WorkerProcess) -> None:
     log(f"worker stopped with status {code} ({time.monotonic() - started:.1f} s)")
 
 
+def score_first_job(sent: Sequence[Sent], env: Mapping[str, str]) -> None:
+    """User feedback from a separate process: `python -m tasks score` on the first job.
+
+    The score is written to the spool at once (no network on the caller's path); the worker's
+    shipper sends it to Langfuse's ingestion API with the spans.
+    """
+    first = sent[0]
+    argv = [sys.executable, "-m", "tasks", "score", first.task_id, "helpful", "1",
+            "--comment", "demo: the user liked this summary"]
+    done = subprocess.run(argv, env=dict(env), capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise DemoError(f"scoring failed ({done.returncode}): {done.stderr.strip()}")
+    log(f"scored {first.job.label!r}: helpful=1 ({done.stdout.strip()})")
+
+
+BEAT_ENTRY = "hourly-digest"
+
+
+def run_beat_once(env: Mapping[str, str], workdir: Path, capture_url: str,
+                  services: list[Process]) -> None:
+    """`celery -A worker beat` (no Langfuse keys) until one run of its entry is traced."""
+    beat_env = {k: v for k, v in env.items() if not k.startswith("LANGFUSE_")}
+    beat_env["DEMO_BEAT_EVERY"] = "1"
+    beat = Process("celery beat", [sys.executable, "-m", "celery", "-A", "worker", "beat",
+                                   "-s", str(workdir / "beat-schedule"), "--max-interval", "1"],
+                   beat_env, inherit_env=False, log_path=workdir / "beat.log")
+    services.append(beat)
+    started = time.monotonic()
+    try:
+        while not _beat_run_traced(capture_url):
+            if time.monotonic() - started > 30:
+                raise DemoError("no beat run was traced within 30 s:\n" + beat.output_tail(15))
+            time.sleep(0.2)
+    finally:
+        beat.kill_group()
+    log(f"celery beat sent {BEAT_ENTRY!r}; its run is traced "
+        f"({time.monotonic() - started:.1f} s)")
+
+
+def _beat_run_traced(capture_url: str) -> bool:
+    observations = json.loads(fetch(f"{capture_url}/_receiver/observations"))
+    return any(o.get("trace_name") == BEAT_ENTRY for o in observations)
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
@@ -453,6 +497,12 @@ def report(sent: Sequence[Sent], capture_url: str) -> None:
         f"delivery: every enqueued task has an observation ({len(sent)}/{len(sent)} jobs, "
         f"{expected}/{expected} task attempts)"
     )
+    scores = json.loads(fetch(f"{capture_url}/_receiver/scores"))
+    if not scores:
+        raise DemoError("the score never reached the capture server")
+    for score in scores:
+        log(f"score: {score.get('name')}={score.get('value')} on trace {score.get('traceId')} "
+            f"({score.get('comment') or 'no comment'})")
 
 
 # ---- main -----------------------------------------------------------------------------------
@@ -470,6 +520,8 @@ def run(workdir: Path, services: list[Process]) -> None:
     sent = enqueue_all(demo_jobs(), env)
     log("waiting for the results:")
     wait_for_results(sent, env["CELERY_RESULT_BACKEND"])
+    score_first_job(sent, env)
+    run_beat_once(env, workdir, capture_url, services)
     stop_worker(worker)
     report(sent, capture_url)
 

@@ -32,6 +32,9 @@ def describe(obs: Observation, copies: int) -> str:
     parts = [f"{obs.name} [{obs.type}] {obs.level}"]
     duration = obs.duration_ms
     parts.append("(open)" if duration is None else f"{duration:.0f} ms")
+    wait = obs.metadata.get("queue_wait_ms")
+    if isinstance(wait, (int, float)):
+        parts.append(f"(waited {wait:.0f} ms in the queue)")
     if obs.model:
         parts.append(f"model={obs.model}")
     usage = obs.usage_details
