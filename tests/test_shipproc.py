@@ -132,3 +132,21 @@ def test_main_process_closes_a_dead_childs_attempt(receiver, spool, shipper):
     assert shipper.close_attempt("t-lost", "again")  # once per task id
     assert not shipper.close_attempt("t-unknown", "never opened")
     assert len(receiver.observations) == 1
+
+
+def test_sigterm_to_the_process_group_leaves_shipping_to_the_worker(receiver, spool, shipper,
+                                                                     write_spans):
+    """A SIGTERM that reaches the shipper too (sent to the worker's process group) does not
+    end it: it keeps shipping until the worker says stop, so the last attempt happens."""
+    proc = shipper._proc
+    assert proc is not None
+    # it takes the lock after it set its signal handlers
+    wait_until(lambda: not lock_is_free(spool), 15, "the shipping process to take the lock")
+    os.kill(proc.pid, signal.SIGTERM)
+    ids = write_spans(3, "after-term")
+    shipper.wake()
+    receiver.wait_for_count(3, timeout=30)
+    assert proc.poll() is None and shipper.restarts == 0
+    shipper.stop(2)
+    assert proc.returncode == 0
+    assert sorted(o.id for o in receiver.observations) == sorted(ids)

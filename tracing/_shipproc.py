@@ -5,9 +5,11 @@ gzip there would take its interpreter lock from dispatch. So the main process st
 ``python -m tracing._shipper_main`` and only supervises it (``ShipperProcess``):
 
 * **Control** is the child's stdin, a pipe: the main process writes the pickled ``Config``
-  first (length-prefixed), then one byte per command: ``w`` ship now, ``s`` stop (last
-  bounded attempt, then exit). End of file — the main process is gone, however it died —
-  means stop too, so the shipper never outlives its worker by more than the shutdown bound.
+  first (length-prefixed), then one byte per command (non-blocking): ``w`` ship now, ``s``
+  stop (last bounded attempt, then exit). End of file — the main process is gone, however it
+  died — means stop too, so the shipper never outlives its worker by more than the shutdown
+  bound. The child ignores SIGTERM and SIGINT (sent to a whole process group, they would
+  skip that last attempt); SIGKILL still ends it, and its records stay on disk.
 * **The lock**: the child takes the spool's ``ShipperLock``; the main process never does.
 * **Restarts**: a supervising thread (blocked in ``wait()``, costing nothing) restarts a
   child that died, after 1 s, then up to 30 s between tries.
@@ -29,6 +31,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -135,6 +138,8 @@ class ShipperProcess:
         assert proc.stdin is not None
         blob = pickle.dumps(self.config)
         proc.stdin.write(_LEN.pack(len(blob)) + blob)
+        # A wake must never block the consumer loop, even if the child stopped reading.
+        os.set_blocking(proc.stdin.fileno(), False)
         with self._lock:
             self._proc, self._control = proc, proc.stdin
 
@@ -194,6 +199,11 @@ def main() -> None:
     """Run the shipper until told to stop or the main process is gone (end of file)."""
     from tracing._shipper import Shipper
 
+    # The worker's main process decides when shipping stops (STOP, or end of file when it is
+    # gone): a SIGTERM or Ctrl-C sent to the whole process group must not skip the last
+    # bounded attempt the warm shutdown asks for.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     config = _read_config(stdin)
     logging.basicConfig(

@@ -201,9 +201,20 @@ _SCALARS = (str, bool, int)  # not float: -0.0 == 0.0
 _kv_cache: dict[tuple[bytes, str, type, Any], bytes] = {}
 
 
+_keys: dict[str, bytes] = {}  # encoded key fields: attribute keys are few
+
+
 def _key_value(tag: bytes, key: str, value: Any) -> bytes:
-    return _ld(tag, _ld(b"\x0a", str(key).encode("utf-8", "surrogatepass"))
-               + _ld(b"\x12", _value(value)))
+    field = _keys.get(key)
+    if field is None:
+        if len(_keys) > 4096:
+            _keys.clear()
+        field = _keys[key] = _ld(b"\x0a", str(key).encode("utf-8", "surrogatepass"))
+    if type(value) is str:
+        inner = _ld(b"\x0a", value.encode("utf-8", "surrogatepass"))
+    else:
+        inner = _value(value)
+    return _ld(tag, field + _ld(b"\x12", inner))
 
 
 def _attributes(attributes: Mapping[str, Any], tag: bytes) -> bytes:
@@ -257,32 +268,47 @@ def _head(resource: bytes, scope: bytes) -> _Head:
     return hit
 
 
+_TIMES = struct.Struct("<BQBQ")  # start (field 7) and end (field 8), both fixed64
+_FLAGS = struct.Struct("<HI")  # field 16, fixed32: tag 0x85 0x01
+
+
 def _span(span_id: bytes, trace_id: bytes, f: tuple[Any, ...]) -> bytes:
     (name, kind, parent, flags, start, end, code, message, attributes, events, links,
      trace_state, dropped_attributes, dropped_events, dropped_links) = f[:15]
-    out = [b"\x0a\x10", trace_id, b"\x12\x08", span_id, _text(b"\x1a", trace_state)]
+    out = [b"\x0a\x10", trace_id, b"\x12\x08", span_id]
+    if trace_state:
+        out.append(_text(b"\x1a", trace_state))
     if parent:
-        out.append(_ld(b"\x22", parent))
-    out += [_text(b"\x2a", name), b"\x30" + _varint(kind + 1)]
-    if start:
-        out.append(b"\x39" + _Q.pack(start))
-    if end:
-        out.append(b"\x41" + _Q.pack(end))
+        out += (b"\x22\x08", parent) if len(parent) == 8 else (_ld(b"\x22", parent),)
+    out += (_text(b"\x2a", name), b"\x30", _varint(kind + 1))
+    if start and end:
+        out.append(_TIMES.pack(0x39, start, 0x41, end))
+    else:
+        out += (b"\x39" + _Q.pack(start) if start else b"", b"\x41" + _Q.pack(end) if end else b"")
     out.append(_attributes(attributes, b"\x4a"))
-    out.append(_count(b"\x50", dropped_attributes))
+    if dropped_attributes:
+        out.append(_count(b"\x50", dropped_attributes))
     for ev_name, ev_time, ev_attributes, ev_dropped in events:
         out.append(_ld(b"\x5a", (b"\x09" + _Q.pack(ev_time) if ev_time else b"")
                        + _text(b"\x12", ev_name) + _attributes(ev_attributes, b"\x1a")
                        + _count(b"\x20", ev_dropped)))
-    out.append(_count(b"\x60", dropped_events))
+    if dropped_events:
+        out.append(_count(b"\x60", dropped_events))
     for link_trace, link_span, link_attributes, link_dropped, link_flags in links:
         out.append(_ld(b"\x6a", _ld(b"\x0a", link_trace) + _ld(b"\x12", link_span)
                        + _attributes(link_attributes, b"\x22") + _count(b"\x28", link_dropped)
                        + b"\x35" + _I.pack(link_flags)))
-    out.append(_count(b"\x70", dropped_links))
-    out.append(_ld(b"\x7a", _text(b"\x12", message) + _count(b"\x18", code)))
-    out.append(b"\x85\x01" + _I.pack(flags))
+    if dropped_links:
+        out.append(_count(b"\x70", dropped_links))
+    if message:
+        out.append(_ld(b"\x7a", _text(b"\x12", message) + _count(b"\x18", code)))
+    else:
+        out.append(_STATUS[code] if 0 <= code < 3 else _ld(b"\x7a", _count(b"\x18", code)))
+    out.append(_FLAGS.pack(0x0185, flags))
     return b"".join(out)
+
+
+_STATUS = (b"\x7a\x00", b"\x7a\x02\x18\x01", b"\x7a\x02\x18\x02")  # code, no message
 
 
 def otlp_request(payload: bytes) -> bytes:
