@@ -35,7 +35,8 @@ def _run_demo() -> tuple[int, str]:
 @pytest.mark.slow
 def test_demo_prints_every_trace_and_exits_zero() -> None:
     """The demo exits 0 after printing agent, generation, tool, failed and retried
-    observations, and a summary with no duplicates and every task delivered."""
+    observations, a beat run's trace, a score and queue waits, and a summary with no
+    duplicates and every task delivered."""
     code, output = _run_demo()
     assert code == 0, output
     for marker in ("[agent]", "[generation]", "[tool]"):
@@ -43,5 +44,8 @@ def test_demo_prints_every_trace_and_exits_zero() -> None:
     assert re.search(r"tasks\.classify \[span\] ERROR .*InvalidJobInput", output), output
     assert re.search(r'tasks\.summarize \[span\] WARNING .*"retry: RetryableLLMError', output)
     summary = re.search(r"^summary: (\d+) traces, .* 0 duplicates$", output, re.MULTILINE)
-    assert summary and int(summary.group(1)) == 10, output
+    assert summary and int(summary.group(1)) == 11, output  # 10 jobs and one beat run
     assert "delivery: every enqueued task has an observation" in output, output
+    assert re.search(r"^trace \w+ name='hourly-digest' tags=\['beat'\]$", output, re.MULTILINE)
+    assert re.search(r"^score: helpful=1(\.0)? on trace \w+", output, re.MULTILINE), output
+    assert re.search(r"\(waited \d+ ms in the queue\)", output), output
