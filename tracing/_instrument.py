@@ -24,16 +24,14 @@ from tracing._propagation import (
     record_publishes,
 )
 from tracing._spool import SpoolError
+from tracing._task_common import never_raises
+from tracing._task_elsewhere import on_task_rejected, on_task_revoked, on_task_unknown
 from tracing._task_tracing import (
-    never_raises,
     on_task_failure,
     on_task_internal_error,
     on_task_postrun,
     on_task_prerun,
-    on_task_rejected,
     on_task_retry,
-    on_task_revoked,
-    on_task_unknown,
 )
 
 logger = logging.getLogger("celery_langfuse")

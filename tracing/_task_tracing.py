@@ -3,9 +3,10 @@
 ``task_prerun`` opens the observation (named after the task, type ``span`` unless the task
 asks otherwise), makes it the current OpenTelemetry context while the body runs — so
 ``get_client()``, ``@observe`` and ``langfuse.openai`` calls nest under it — and records the
-open attempt in the spool. The trace is the producer's when the message carries
-``traceparent``; otherwise it is derived from the task's ``root_id``, so a whole canvas
-lands in one trace. ``task_postrun`` closes it with the end the task had:
+open attempt in the spool. Where it hangs in its trace is ``_task_span``'s rule (the
+producer's or previous task's observation, else the tree's root derived from ``root_id``).
+``task_postrun`` closes it with the end the task had (ends that only the worker's main
+process sees are ``_task_elsewhere``'s):
 
 =====================  =========  ===========================================================
 end                    level      status message / where
@@ -30,17 +31,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import json
 import logging
 import os
 import time
-import traceback
-import types
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from langfuse import propagate_attributes
 from opentelemetry import context as otel_context
@@ -51,44 +49,27 @@ from tracing._attempts import from_span
 from tracing._client import task_tracer
 from tracing._options import TaskOptions, options_for
 from tracing._otel import drop_counter, task_context
-from tracing._payload import clean_text, render_attribute
+from tracing._payload import clean_text
 from tracing._propagation import TraceAttributes, read_headers
 from tracing._spool import KIND_DROPPED, encode_frame
+from tracing._task_common import (
+    Outcome,
+    describe,
+    mark_error,
+    never_raises,
+    safely,
+    start_span,
+    traceback_text,
+)
+from tracing._task_common import render as _render
+from tracing._task_elsewhere import emit_observation, failure_elsewhere
 from tracing._task_span import (
     end_attributes,
-    placement,
     start_attributes,
-    start_task_span,
     trace_id_for,  # noqa: F401  (its old home; callers import it from here)
 )
 
 logger = logging.getLogger("celery_langfuse")
-
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
-_TRACEBACK_LIMIT = 8000
-
-
-def never_raises(handler: F) -> F:
-    """Run a signal handler so that its own failure is logged, never raised into Celery."""
-
-    @functools.wraps(handler)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except Exception:
-            logger.exception("celery-langfuse: %s failed; the task is unaffected",
-                             handler.__name__)
-            return None
-
-    return guarded  # type: ignore[return-value]
-
-
-@dataclass
-class _Outcome:
-    level: str = "DEFAULT"
-    status_message: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,7 +79,7 @@ class _Active:
     span: Any
     tokens: list[Any]
     options: TaskOptions
-    outcome: _Outcome | None = None
+    outcome: Outcome | None = None
 
 
 _active: dict[str, _Active] = {}
@@ -125,9 +106,9 @@ def on_task_prerun(
     request = task.request
     incoming = read_headers(request)
     capture = config.capture_input if options.capture_input is None else options.capture_input
-    input_text = _safely("rendering the task's input", "<input could not be rendered>",
+    input_text = safely("rendering the task's input", "<input could not be rendered>",
                          lambda: _render({"args": args, "kwargs": kwargs})) if capture else None
-    metadata: dict[str, Any] = _safely("collecting the task's metadata", {"task_id": task_id},
+    metadata: dict[str, Any] = safely("collecting the task's metadata", {"task_id": task_id},
                        lambda: task_metadata(task, request, task_id))
     join = options.join or incoming.attributes.join or config.join
     carrier, root_id = joined(join, incoming.carrier, task_id,
@@ -151,34 +132,6 @@ def on_task_prerun(
         active.tokens.append(propagation)
     if span.is_recording():
         runtime.write_frames(from_span(task_id, span).frame())
-
-
-def start_span(
-    name: str, task_id: str, root_id: str | None, retries: int, carrier: Mapping[str, str],
-    as_type: str, *, input_text: str | None, metadata: Mapping[str, Any],
-    start_time: int | None = None, options: TaskOptions | None = None,
-    version: str | None = None,
-) -> Any:
-    """Start a task attempt's span where the trace model puts it (see ``_task_span``)."""
-    runtime = _runtime.current()
-    assert runtime is not None
-    config = runtime.config
-    context, pinned = placement(carrier, task_id, root_id, retries)
-    attributes = start_attributes(
-        as_type, input_text, metadata,
-        (options and options.environment) or config.environment,
-        (options and options.release) or config.release, version)
-    return start_task_span(task_tracer(config.public_key or ""), clean_text(name) or "", context,
-                           pinned, attributes, start_time)
-
-
-def _safely(what: str, fallback: T, make: Callable[[], T]) -> T:
-    """``make()``, or ``fallback`` (logged) if it raises: the observation is made anyway."""
-    try:
-        return make()
-    except Exception:
-        logger.exception("celery-langfuse: %s failed; the task is unaffected", what)
-        return fallback
 
 
 def joined(
@@ -258,21 +211,6 @@ def task_metadata(task: Any, request: Any, task_id: str) -> dict[str, Any]:
             for k, v in meta.items() if v is not None and v != ""}
 
 
-def _render(value: Any) -> str:
-    """Task input/output as JSON text (masked, redacted, capped); never raises."""
-    runtime = _runtime.current()
-    assert runtime is not None
-    config = runtime.config
-    if config.mask is not None:
-        try:
-            value = config.mask(data=value)
-        except Exception:
-            logger.exception("celery-langfuse: the mask function failed; value withheld")
-            return "<withheld: mask failed>"
-    return render_attribute(value, redact=config.redact_keys,
-                            max_bytes=config.max_payload_bytes)
-
-
 # -- ends seen in the process that ran the body -----------------------------------------------
 
 @never_raises
@@ -284,14 +222,14 @@ def on_task_failure(
         return
     active = _active.get(task_id)
     if active is None:
-        _failure_elsewhere(sender, task_id, exception)
+        failure_elsewhere(sender, task_id, exception)
         return
     throws = tuple(getattr(sender, "throws", ()) or ())
     expected = bool(throws) and isinstance(exception, throws)
-    active.outcome = _Outcome(
+    active.outcome = Outcome(
         "WARNING" if expected else "ERROR",
         describe(exception),
-        {"traceback": _traceback(einfo, exception), "expected_error": expected},
+        {"traceback": traceback_text(einfo, exception), "expected_error": expected},
     )
 
 
@@ -304,7 +242,7 @@ def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, *
     when = getattr(reason, "when", None)
     cause = getattr(reason, "exc", None) or reason
     message = f"retry: {describe(cause)}" + (f" (next attempt {_when(when)})" if when else "")
-    active.outcome = _Outcome("WARNING", message, {"retry_reason": str(reason),
+    active.outcome = Outcome("WARNING", message, {"retry_reason": str(reason),
                                                    "retry_when": str(when)})
 
 
@@ -319,8 +257,8 @@ def on_task_internal_error(
 ) -> None:
     if task_id is None:
         return
-    outcome = _Outcome("ERROR", f"internal error: {describe(exception)}",
-                       {"traceback": _traceback(einfo, exception)})
+    outcome = Outcome("ERROR", f"internal error: {describe(exception)}",
+                       {"traceback": traceback_text(einfo, exception)})
     # Celery signals an internal error after task_postrun, which saw no final state and
     # left the attempt cut short: end it here, in the process that opened it.
     active = _cut_short.pop(task_id, None) or _active.pop(task_id, None)
@@ -333,7 +271,7 @@ def on_task_internal_error(
         emit_observation(sender.name, task_id, None, outcome, "FAILURE")
 
 
-def _event_after_end(task_id: str, outcome: _Outcome) -> None:
+def _event_after_end(task_id: str, outcome: Outcome) -> None:
     """An error Celery raised after the attempt ended (storing the result failed): an ERROR
     event under the attempt's observation, never a second task observation."""
     runtime = _runtime.current()
@@ -400,12 +338,12 @@ def _end(active: _Active, state: str, retval: Any, task_id: str) -> None:
         outcome = active.outcome or _outcome_for_state(state, retval)
         capture = active.options.capture_output
         capture = runtime.config.capture_output if capture is None else capture
-        output = _safely("rendering the task's result", "<output could not be rendered>",
+        output = safely("rendering the task's result", "<output could not be rendered>",
                          lambda: _render(retval)) if capture and state == "SUCCESS" else None
         span.set_attributes(end_attributes(
             output, outcome.level, clean_text(outcome.status_message),
             {**outcome.metadata, "final_state": state}))
-        _mark_error(span, outcome)
+        mark_error(span, outcome)
     finally:
         _detach(active.tokens)
         span.end()
@@ -440,22 +378,14 @@ def _remember_ended(task_id: str, state: str, span: Any) -> None:
         _ended.popitem(last=False)
 
 
-def _mark_error(span: Any, outcome: _Outcome) -> None:
-    """An ERROR observation also carries OpenTelemetry's error status, for other backends."""
-    if outcome.level == "ERROR":
-        status = otel_trace.Status(otel_trace.StatusCode.ERROR,
-                                   clean_text(outcome.status_message))
-        span.set_status(status)
-
-
-def _outcome_for_state(state: str, retval: Any) -> _Outcome:
+def _outcome_for_state(state: str, retval: Any) -> Outcome:
     if state == "IGNORED":
-        return _Outcome("DEFAULT", "ignored")
+        return Outcome("DEFAULT", "ignored")
     if state == "REJECTED":
-        return _Outcome("WARNING", f"rejected: {describe(retval)}" if retval else "rejected")
+        return Outcome("WARNING", f"rejected: {describe(retval)}" if retval else "rejected")
     if state == "SUCCESS":
-        return _Outcome()
-    return _Outcome("WARNING", state.lower())
+        return Outcome()
+    return Outcome("WARNING", state.lower())
 
 
 def _detach(tokens: list[Any]) -> None:
@@ -469,126 +399,3 @@ def _detach(tokens: list[Any]) -> None:
             logger.debug("celery-langfuse: context detach failed", exc_info=True)
 
 
-def describe(exception: Any) -> str:
-    """``ExcType: message`` for an exception (Langfuse keeps no span events)."""
-    if isinstance(exception, BaseException):
-        return f"{type(exception).__name__}: {exception}".rstrip(": ")
-    return str(exception)
-
-
-def _traceback(einfo: Any, exception: BaseException | None) -> str:
-    text = str(getattr(einfo, "traceback", "") or "")
-    if not text and exception is not None:
-        text = "".join(traceback.format_exception(exception))
-    return text[-_TRACEBACK_LIMIT:]
-
-
-# -- ends seen only by the worker's main process ----------------------------------------------
-
-_LOST = ("TimeLimitExceeded", "WorkerLostError", "Terminated")
-
-
-def _failure_elsewhere(sender: Any, task_id: str, exception: BaseException | None) -> None:
-    """A failure for a task this process did not run: its child died (time limit, lost)."""
-    if type(exception).__name__ not in _LOST:
-        return
-    reason = describe(exception)
-    if type(exception).__name__ == "TimeLimitExceeded":
-        reason = f"hard time limit exceeded ({exception}): the worker killed the task"
-    _close_dead_attempt(getattr(sender, "name", "celery.task"), task_id,
-                        _Outcome("ERROR", reason), "FAILURE")
-
-
-def _close_dead_attempt(name: str, task_id: str, outcome: _Outcome, final_state: str) -> None:
-    """Close the attempt a dead child left open, or record the task afresh if none was."""
-    runtime = _runtime.current()
-    if runtime is None or runtime.config.is_excluded(name):
-        return
-    shipper = runtime.shipper
-    reason = outcome.status_message or final_state.lower()
-    if shipper is not None and shipper.close_attempt(
-        task_id, reason, level=outcome.level, final_state=final_state
-    ):
-        return
-    emit_observation(name, task_id, None, outcome, final_state)
-
-
-_emitted: set[str] = set()
-
-
-def emit_observation(
-    name: str, task_id: str, root_id: str | None, outcome: _Outcome, final_state: str,
-    metadata: Mapping[str, Any] | None = None, carrier: Mapping[str, str] | None = None,
-) -> None:
-    """A complete observation for a task that never ran here (unknown, rejected, revoked)."""
-    runtime = _runtime.current()
-    if runtime is None or task_id in _emitted or runtime.config.is_excluded(name):
-        return
-    _emitted.add(task_id)
-    if len(_emitted) > 10_000:
-        _emitted.clear()
-    span = start_span(
-        name, task_id, root_id, 0, carrier or {}, "span", input_text=None,
-        metadata={"task_id": task_id, "pid": os.getpid(), **(metadata or {})},
-    )
-    span.set_attributes(end_attributes(
-        None, outcome.level, clean_text(outcome.status_message),
-        {**outcome.metadata, "final_state": final_state}))
-    _mark_error(span, outcome)
-    span.end()
-    runtime.flush()
-    if runtime.shipper is not None:
-        runtime.shipper.wake()
-
-
-@never_raises
-def on_task_revoked(
-    sender: Any = None, request: Any = None, terminated: bool = False, signum: Any = None,
-    expired: bool = False, **_: Any,
-) -> None:
-    task_id: str | None = getattr(request, "id", None)
-    if task_id is None:
-        return
-    name = str(getattr(request, "task_name", None) or getattr(request, "name", "celery.task"))
-    if expired:
-        reason = "revoked: expired before it could run"
-    elif terminated:
-        reason = f"revoked: terminated by signal {signum}"
-    else:
-        reason = "revoked before it ran"
-    if terminated:
-        _close_dead_attempt(name, task_id, _Outcome("WARNING", reason), "REVOKED")
-        return
-    emit_observation(name, task_id, getattr(request, "root_id", None),
-                     _Outcome("WARNING", reason), "REVOKED",
-                     carrier=read_headers(request).carrier)
-
-
-@never_raises
-def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any) -> None:
-    headers = getattr(message, "headers", None) or {}
-    task_id, name = headers.get("id"), headers.get("task")
-    if not task_id:
-        return
-    reason = f"rejected: {describe(exc)}" if exc else "rejected: unknown message format"
-    emit_observation(name or "celery.unknown", task_id, headers.get("root_id"),
-                     _Outcome("WARNING", reason), "REJECTED", carrier=_carrier(headers))
-
-
-@never_raises
-def on_task_unknown(
-    sender: Any = None, message: Any = None, exc: Any = None, name: str | None = None,
-    id: str | None = None, **_: Any,
-) -> None:
-    if not id:
-        return
-    headers = getattr(message, "headers", None) or {}
-    reason = (f"unknown task {name!r}: not registered in this worker "
-              "(check the task name and the worker's imports)")
-    emit_observation(name or "celery.unknown", id, headers.get("root_id"),
-                     _Outcome("ERROR", reason), "FAILURE", carrier=_carrier(headers))
-
-
-def _carrier(headers: Mapping[str, Any]) -> dict[str, str]:
-    """The W3C carrier of a raw message's headers (either nesting level)."""
-    return read_headers(types.SimpleNamespace(headers=headers)).carrier
