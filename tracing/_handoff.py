@@ -498,11 +498,16 @@ def drainer_for(
 ) -> HandoffDrainer | None:
     """The hand-off drainer a shipper runs, or None when hand-off is off (or has no Redis).
 
-    ``config.handoff_url`` is resolved against ``broker`` (default: the current Celery app's
-    broker URL). The drainer sends with its own ``_sending.BatchSender`` over the shipper's
-    ``transport`` and counts into the shipper's ``stats``; its backoff is its own.
+    ``config.handoff_url`` is a URL, None (off), or "auto" resolved against ``broker``. A
+    worker's runtime resolves "auto" with the worker's broker (``with_broker``) before building
+    its shipper; any other shipper left with "auto" (a producer's, ``python -m tracing drain``)
+    gets no drainer: asking Celery for its current app there costs the caller time, and
+    draining the deployment's stream is the workers' job. The drainer sends with its own
+    ``_sending.BatchSender`` over the shipper's ``transport`` and counts into its ``stats``.
     """
-    url = resolve_handoff_url(config.handoff_url, broker if broker is not None else broker_url())
+    if config.handoff_url == "auto" and broker is None:
+        return None
+    url = resolve_handoff_url(config.handoff_url, broker)
     if url is None:
         return None
     from tracing._sending import BatchSender  # the shipper's rules; imported late (no cycle)
