@@ -15,8 +15,12 @@ takes them off it. One shipper runs per spool, kept alone by an exclusive ``floc
    (``_delivery``, pure functions: done / split / reject / pause / back off / unknown).
 5. **Cleans up**: finished, fully shipped segments are removed.
 
-:meth:`Shipper.stop` makes a last attempt bounded by a timeout; what is left stays on disk for
-the next start or ``python -m tracing drain``. The lock is released only once the shipping
+6. **Drains the hand-off stream** (``_handoff``): one batch of what stopped workers of the
+   deployment left in its Redis, under the same rules, after each pass.
+
+:meth:`Shipper.stop` makes a last attempt bounded by a timeout; what is left is handed off to
+that stream (``_handoff``: the disk may go with the worker), or, with no Redis, stays on disk
+for the next start or ``python -m tracing drain``. The lock is released only once the shipping
 thread has ended, so a second shipper can never send what this one is still sending.
 """
 
