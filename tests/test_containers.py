@@ -154,3 +154,34 @@ def test_a_task_killed_with_its_container_is_closed_once_by_another(
         assert worker.warm_stop() == 0
     assert receiver.duplicates() == {}
     assert len([o for o in receiver.observations if o.name == "t.long"]) == 2
+
+
+def test_a_spool_left_by_an_earlier_version_is_adopted_and_shipped(receiver, tmp_path):
+    """Segments named by pid (an earlier version's spool), with their cursors, are adopted
+    after an upgrade: what was past the cursor arrives exactly once, what was before it never."""
+    from tests.test_handoff import span_record
+    from tracing import load_config
+    from tracing._exporter import SpoolExporter
+    from tracing._shipper import ShipperCore
+    from tracing._spool import (
+        KIND_SPAN,
+        SegmentWriter,
+        encode_frame,
+        ensure_spool_dir,
+        segment_name,
+        write_cursor,
+    )
+
+    spool = ensure_spool_dir(tmp_path / "spool")
+    records = [span_record(f"old-{i}") for i in range(10)]
+    frames = [encode_frame(KIND_SPAN, payload) for _, payload in records]
+    old = spool / segment_name(4242, 1, 0)  # pid 4242 started at tick 1: long gone
+    old.write_bytes(b"".join(frames))
+    write_cursor(old, sum(len(f) for f in frames[:4]))  # the old shipper had sent 4
+    config = load_config(environ={}, public_key=receiver.public_key,
+                         secret_key=receiver.secret_key, base_url=receiver.base_url,
+                         spool_dir=str(spool), handoff_url="off")
+    ShipperCore(config, SpoolExporter(SegmentWriter(spool))).drain(30)
+    assert sorted(o.id for o in receiver.observations) == sorted(s for s, _ in records[4:])
+    assert receiver.duplicates() == {}
+    assert not old.exists(), "the adopted segment was not removed once shipped"
