@@ -150,3 +150,24 @@ def test_sigterm_to_the_process_group_leaves_shipping_to_the_worker(receiver, sp
     shipper.stop(2)
     assert proc.returncode == 0
     assert sorted(o.id for o in receiver.observations) == sorted(ids)
+
+
+def test_an_attempt_another_process_closed_is_not_closed_again(tmp_path):
+    """If the shipper already wrote an attempt's closing span, the main process's
+    close_attempt says it is closed and writes nothing (no second observation)."""
+    from tracing._attempts import AttemptCloser, AttemptIndex, closing_span
+    from tracing._exporter import span_frame
+
+    spool = tmp_path / "spool"
+    attempt = OpenAttempt(task_id="t-raced", name="t.generate", trace_id="ab" * 16,
+                          span_id="cd" * 8, parent_span_id=None, start_ns=1, attributes={})
+    writer = SegmentWriter(spool)
+    writer.append(attempt.frame())
+    index = AttemptIndex(spool)
+    index.refresh()  # the main process saw it open
+    writer.append(span_frame(closing_span(attempt, "worker lost")))  # the shipper closed it
+    written: list[bytes] = []
+    closer = AttemptCloser(index, written.append)
+    assert closer.close("t-raced", "hard time limit")
+    assert written == []
+    assert not closer.close("t-never-seen", "lost")

@@ -152,6 +152,7 @@ class AttemptIndex:
         # main process (with Celery's precise reason) the first chance to close its attempts.
         self._dead_since: dict[SegmentId, float] = {}
         self._seen_live_pass = False
+        self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.RLock()
 
     def refresh(self) -> None:
@@ -168,7 +169,7 @@ class AttemptIndex:
             for tracked in opened:
                 self._open[tracked.attempt.span_id] = tracked
             for span_id in closed:
-                self._open.pop(span_id, None)
+                self._forget_open(span_id)
 
     def _read_segment(
         self, path: Path, segment: SegmentId, opened: list[_Tracked], closed: set[str]
@@ -205,7 +206,20 @@ class AttemptIndex:
 
     def mark_closed(self, span_id: str) -> None:
         with self._lock:
-            self._open.pop(span_id, None)
+            self._forget_open(span_id)
+
+    def was_closed(self, task_id: str) -> bool:
+        """True if an attempt of ``task_id`` seen open here was closed since (by its own
+        span or by another process's closing record)."""
+        with self._lock:
+            return task_id in self._closed
+
+    def _forget_open(self, span_id: str) -> None:
+        tracked = self._open.pop(span_id, None)
+        if tracked is not None:
+            self._closed[tracked.attempt.task_id] = None
+            while len(self._closed) > 10_000:
+                self._closed.popitem(last=False)
 
     def orphans(self, dead_for: float, now: float | None = None) -> list[OpenAttempt]:
         """Open attempts whose writing process has been dead at least ``dead_for`` seconds."""
@@ -282,7 +296,9 @@ class AttemptCloser:
             self.index.refresh()
             attempt = self.index.find_task(task_id)
             if attempt is None:
-                return False
+                # Already closed (by another process, e.g. the shipper after the grace
+                # period) counts as closed: no second observation for it.
+                return self.index.was_closed(task_id)
             self._write_closing(attempt, reason, level, final_state)
         return True
 
