@@ -112,12 +112,13 @@ by 0x1F, and binary ids would need a matching crc32 as well.
 
 Lifecycle
 ---------
-1. A writer (``SegmentWriter``) opens its first segment lazily on the first ``append`` (a
-   process that never writes creates no file), appends batches of frames with one ``os.write``
-   on an unbuffered ``O_APPEND`` descriptor (a buffered file would lose its buffer when a pool
-   child leaves with ``os._exit`` and would be duplicated by ``fork``), and rotates to ``seq+1``
-   past ``max_segment_bytes``, sealing the old one. A forked child never shares the parent's
-   descriptor: it closes its inherited copy and opens its own segment named after itself.
+1. A writer (``SegmentWriter``) takes its writer lock and opens its first segment lazily on the
+   first ``append`` (a process that never writes creates no file), appends batches of frames
+   with one ``os.write`` on an unbuffered ``O_APPEND`` descriptor (a buffered file would lose
+   its buffer when a pool child leaves with ``os._exit`` and would be duplicated by ``fork``),
+   and rotates to ``seq+1`` past ``max_segment_bytes``, sealing the old one. A forked child
+   never shares the parent's descriptors: it closes its inherited copies (segment and lock)
+   and starts over under a writer id and lock of its own.
 2. The shipper holds ``shipper.lock``, lists segments oldest first (``list_segments``), scans
    each from its cursor, sends what it finds, then commits the new offset with ``write_cursor``
    (atomic replace). A record before the cursor is never sent again; a crash between a
