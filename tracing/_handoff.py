@@ -69,8 +69,10 @@ unknown, which is the only case in which the spool itself resends (see ``_shippe
 * a drainer is killed between Langfuse's 2xx and its ``XACK``: another shipper claims the
   entries after ``lease`` and sends them again;
 * a drainer takes longer than ``lease`` between renewing its claim and its ``XACK``: another may
-  claim and send them. A pass therefore stops sending once ``lease / 2`` has passed since it
-  renewed its claims, and ``lease`` defaults to 120 s, far above one request's timeout.
+  claim and send them. A pass therefore gives its requests timeouts that end ``lease / 2``
+  after it renewed its claims (``claim_deadline``; the sender's floor is 0.2 s a request, and
+  splitting a batch of 200 around a poison span takes about 16 requests), and ``lease``
+  defaults to 120 s, far above one request's timeout.
 
 Everything else is exactly once: an entry is delivered to one consumer at a time (consumer
 group), a claim is taken over only after ``lease`` of silence, and an entry is deleted only after
