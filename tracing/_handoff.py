@@ -25,7 +25,7 @@ existed are read too.
 
 Entry format
 ------------
-Each entry is one span record, fields in this order::
+Each entry is one spool record (a span or a score), fields in this order::
 
     v   b"1"                       format version; a drainer sets aside what it cannot read
     k   the record kind, decimal   ``KIND_SPAN`` (1) or ``KIND_SCORE`` (5): see ``_spool``'s
