@@ -40,7 +40,7 @@ def measure(iterations: int = 5000, block: int = 250) -> dict[str, Any]:
         with client.start_as_current_observation(name="web-request"):
             for n in range(2 * iterations // block):
                 enabled = bool(n % 2)
-                _propagation.record_publishes(enabled)
+                _propagation.record_publishes(enabled, key)
                 for _ in range(block):
                     headers: dict[str, Any] = {"id": "t", "task": "tasks.summarize"}
                     started = time.perf_counter_ns()

@@ -525,7 +525,7 @@ def test_publish_observation_shows_where_the_job_left(app, module_receiver):
     client = Langfuse(public_key=module_receiver.public_key,
                       secret_key=module_receiver.secret_key,
                       base_url=module_receiver.base_url, tracer_provider=TracerProvider())
-    _propagation.record_publishes(True)
+    _propagation.record_publishes(True, module_receiver.public_key)
     try:
         with client.start_as_current_observation(name="web-request") as parent:
             result = app.send_task("t.add", args=[3, 3])

@@ -53,7 +53,7 @@ def instrument(app: Celery, **options: Any) -> Config:
     _config = config
     _apps[id(app)] = app
     connect_publish_handler()
-    record_publishes(config.publish_observation)
+    record_publishes(config.publish_observation, config.public_key)
     connect_beat_handler()
     if not config.enabled:
         _disconnect_worker_handlers()

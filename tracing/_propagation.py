@@ -135,12 +135,15 @@ def disconnect_publish_handler() -> None:
 
 
 _publish_observation = False
+_public_key: str | None = None
 
 
-def record_publishes(enabled: bool) -> None:
-    """Whether a producer inside an observation records an ``enqueue <task>`` child."""
-    global _publish_observation
+def record_publishes(enabled: bool, public_key: str | None = None) -> None:
+    """Whether a producer inside an observation records an ``enqueue <task>`` child, with
+    the Langfuse client of ``public_key`` (the configured one)."""
+    global _publish_observation, _public_key
     _publish_observation = enabled
+    _public_key = public_key
 
 
 def _on_before_publish(
@@ -164,9 +167,10 @@ def _inject_under_enqueue(
     """An ``enqueue <task>`` observation under the producer's, and the task under it."""
     from langfuse import get_client
 
-    enqueue = get_client().start_observation(name=f"enqueue {task}", metadata={
-        "task_id": headers.get("id"), "task_name": task, "routing_key": routing_key,
-        "exchange": str(exchange) if exchange is not None else None})
+    metadata = {"task_id": headers.get("id"), "task_name": task, "routing_key": routing_key,
+                "exchange": str(exchange) if exchange is not None else None}
+    enqueue = get_client(public_key=_public_key).start_observation(
+        name=f"enqueue {task}", metadata=metadata)
     try:
         with otel_trace.use_span(_sdk.otel_span(enqueue), end_on_exit=False):
             inject(headers)
