@@ -12,6 +12,11 @@ thread of the calling process instead (``Shipper``).
 
 from __future__ import annotations
 
+# Imported here, in the main process before the pool forks: socket.getaddrinfo imports it
+# lazily on first use, and a pool child forked while another thread of the main process
+# (an SDK thread, a shipper thread) held its import lock waits for that lock forever
+# (observed: a child stuck in its first Redis connect).
+import encodings.idna  # noqa: F401
 import logging
 import os
 import weakref
