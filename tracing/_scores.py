@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from tracing import _runtime
+from tracing import _instrument, _runtime
 from tracing._config import Config, load_config
 from tracing._score_record import encode_event, score_event
 from tracing._spool import (
@@ -126,8 +126,6 @@ def _current_config() -> Config:
         return runtime.config
     global _config
     if _config is None:
-        from tracing import _instrument
-
         _config = _instrument._config or load_config()
     return _config
 
