@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from tracing import _runtime, _urls
+from tracing import _runtime
 from tracing._beat import connect_beat_handler
 from tracing._config import Config, load_config
 from tracing._propagation import (
@@ -108,7 +108,6 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
         return
     try:
         _runtime.start(_config)
-        _urls.warm(_config)
     except SpoolError as exc:
         logger.error("celery-langfuse: %s. Tasks run untraced until this is fixed.", exc)
 

@@ -3,9 +3,11 @@
 The UI's address of a trace is ``{base_url}/project/{project_id}/traces/{trace_id}``. The
 trace id is derived from the tree's root task id (``trace_id_for``); the project id is what
 the public API answers for the keys (``GET /api/public/projects``), looked up once per
-base URL and key and cached for the life of the process. A worker warms the cache in the
-background at start, so a task that asks gets an answer without a request on its path; with
-``timeout=0`` the lookup never blocks (None until the project id is known).
+base URL and key and cached for the life of the process. With ``timeout=0`` (what a task
+should pass) the lookup never blocks: it runs in a background thread and the call returns
+None until the project id is known. Nothing is looked up in a worker's main process before
+the pool forks: a thread importing modules (httpx does, lazily) while Celery forks leaves
+the child a module lock it can never take.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def project_id(config: Config, timeout: float = 2.0) -> str | None:
 
 
 def warm(config: Config) -> None:
-    """Look the project id up in a background thread (at worker start)."""
+    """Look the project id up in a background thread."""
     if config.has_keys and (config.base_url, config.public_key or "") not in _projects:
         threading.Thread(target=_lookup, args=(config, 10.0), daemon=True,
                          name="celery-langfuse-project").start()
