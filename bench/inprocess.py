@@ -159,16 +159,18 @@ def _capture(client: Any, into: list[Any]) -> Callable[[], None]:
     from opentelemetry.sdk.trace import SpanProcessor
 
     class Recorder(SpanProcessor):
-        def on_end(self, span: Any) -> None:
-            into.append(span)
+        recording = True
 
-    provider = client._resources.tracer_provider
-    multi = provider._active_span_processor
+        def on_end(self, span: Any) -> None:
+            if self.recording:
+                into.append(span)
+
+    from tracing import _sdk
+
     recorder = Recorder()
-    before = multi._span_processors
-    multi._span_processors = (*before, recorder)
+    _sdk.tracer_provider_of(KEYS["public_key"]).add_span_processor(recorder)
 
     def undo() -> None:
-        multi._span_processors = before
+        recorder.recording = False
 
     return undo

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from tracing import _sdk
 from tracing.testing import Observation, Trace, observations_from_otlp, trace_from
 
 
@@ -65,5 +65,4 @@ def captured() -> Iterator[Captured]:
     langfuse.shutdown()
     # The SDK keeps one resource manager per key per process; forget ours so get_client()
     # elsewhere in the test session is not confused by leftovers.
-    with LangfuseResourceManager._lock:
-        LangfuseResourceManager._instances.pop(public_key, None)
+    _sdk.forget_client(public_key)

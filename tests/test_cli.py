@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
 from opentelemetry.sdk.trace import TracerProvider
 
 from tests.support import ROOT
+from tracing import _sdk
 from tracing._cli import main
 from tracing._exporter import SpoolExporter
 from tracing._spool import SegmentWriter, list_segments, read_dead_letters
@@ -43,7 +43,7 @@ def write_spans(spool: Path, n: int) -> list[str]:
         ids.append(obs.id)
     client.flush()
     client.shutdown()
-    LangfuseResourceManager._instances.pop(key, None)
+    _sdk.forget_client(key)
     return ids
 
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracing import load_config
+from tracing import _sdk, load_config
 from tracing._delivery import SendResult
 from tracing._exporter import SpoolExporter
 from tracing._shipper import Shipper
@@ -66,7 +65,7 @@ def make_spans(receiver: LangfuseReceiver, spool: Path) -> Iterator[object]:
 
     yield make
     client.shutdown()
-    LangfuseResourceManager._instances.pop(key, None)
+    _sdk.forget_client(key)
 
 
 def shipper_for(receiver: LangfuseReceiver, spool: Path, **options: object) -> Shipper:
@@ -277,7 +276,7 @@ def old_spool_spans(spool: Path) -> Iterator[Callable[[int], list[str]]]:
 
     yield make
     client.shutdown()
-    LangfuseResourceManager._instances.pop(key, None)
+    _sdk.forget_client(key)
 
 
 def test_a_spool_written_by_the_previous_version_ships_after_upgrade(
@@ -326,3 +325,36 @@ def test_an_undecodable_compact_record_is_set_aside_not_sent(receiver, spool, ma
     assert stats.dead_lettered == 1
     [letter] = read_dead_letters(spool)
     assert "undecodable" in letter.reason
+
+
+def test_spans_dropped_before_the_spool_are_counted_by_cause(receiver, spool, make_spans, caplog):
+    """A writer's KIND_DROPPED report is counted in the shipper's status by cause, with one
+    log line for the cause, and the spans around it still ship."""
+    import json as _json
+
+    from tracing._spool import KIND_DROPPED, encode_frame
+    from tracing._status import read_status
+
+    make_spans(2)
+    report = _json.dumps({"cause": "sdk_queue_full", "count": 7}).encode()
+    SegmentWriter(spool).append(encode_frame(KIND_DROPPED, report) * 2)
+    shipper = shipper_for(receiver, spool, handoff_url="off")
+    with caplog.at_level(logging.ERROR, logger="celery_langfuse"):
+        shipper.drain(10)
+    assert shipper.stats.dropped_in_writers == {"sdk_queue_full": 14}
+    assert (read_status(spool) or {}).get("dropped_in_writers") == {"sdk_queue_full": 14}
+    assert len([r for r in caplog.records if "sdk_queue_full" in r.getMessage()]) == 1
+    assert len({o.id for o in receiver.observations}) == 2
+
+
+def test_a_stop_that_leaves_records_says_how_many_and_where(receiver, spool, make_spans, caplog):
+    """A warm stop that cannot deliver logs how many spans, scores and open attempts stay
+    on disk, and the directory."""
+    receiver.down()
+    make_spans(3)
+    shipper = shipper_for(receiver, spool, handoff_url="off", shutdown_timeout=0.2)
+    shipper.start()
+    with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
+        shipper.stop(0.2)
+    [line] = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
+    assert "3 span(s), 0 score(s) and 0 open task attempt(s)" in line and str(spool) in line

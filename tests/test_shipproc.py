@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 from langfuse import Langfuse
-from langfuse._client.resource_manager import LangfuseResourceManager
 from opentelemetry.sdk.trace import TracerProvider
 
 from tests.support import wait_until
-from tracing import load_config
+from tracing import _sdk, load_config
 from tracing._attempts import OpenAttempt
 from tracing._exporter import SpoolExporter
 from tracing._shipproc import ShipperProcess
@@ -49,7 +48,7 @@ def write_spans(spool: Path) -> Iterator[Callable[[int, str], list[str]]]:
 
     yield write
     client.shutdown()
-    LangfuseResourceManager._instances.pop(key, None)
+    _sdk.forget_client(key)
 
 
 @pytest.fixture

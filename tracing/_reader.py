@@ -19,12 +19,14 @@ unless the caller passes another), so liveness is one seam.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tracing._spool import (
+    KIND_DROPPED,
     KIND_SCORE,
     KIND_SEAL,
     KIND_SPAN,
@@ -57,6 +59,27 @@ class Item:
     end: int
     payload: bytes | None = None
     kind: int = KIND_SPAN
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Records after their segments' cursors: not yet delivered."""
+
+    spans: int = 0
+    scores: int = 0
+
+
+def count_pending(spool_dir: Path) -> Pending:
+    """Count the undelivered span and score records of a spool (reads what is unshipped)."""
+    spans = scores = 0
+    for path, _ in list_segments(spool_dir):
+        try:
+            records = scan_file(path, read_cursor(path)).records
+        except FileNotFoundError:
+            continue
+        spans += sum(1 for r in records if r.kind == KIND_SPAN)
+        scores += sum(1 for r in records if r.kind == KIND_SCORE)
+    return Pending(spans, scores)
 
 
 def is_sealed(path: Path) -> bool:
@@ -157,6 +180,9 @@ class SpoolReader:
             return []
         items = [Item(path, r.end, r.payload if r.kind in _SHIPPED else None, r.kind)
                  for r in result.records]
+        for record in result.records:
+            if record.kind == KIND_DROPPED:
+                self._count_dropped(path, record.payload)
         for first, last in result.corrupt:
             self._set_aside_corrupt(path, first, last)
             items.append(Item(path, last))
@@ -167,6 +193,22 @@ class SpoolReader:
             self._scanned[path] = items[-1].end
             self._ahead.setdefault(path, []).extend(items)
         return items
+
+    def _count_dropped(self, path: Path, payload: bytes) -> None:
+        """A writer's report of spans it dropped before the spool: counted by cause, and one
+        log line the first time a cause is seen."""
+        try:
+            report = json.loads(payload)
+            cause, count = str(report["cause"]), int(report["count"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("celery-langfuse: unreadable dropped-spans record in %s", path)
+            return
+        counts = self.stats.dropped_in_writers
+        if cause not in counts:
+            logger.error("celery-langfuse: a process writing to %s dropped %d span(s) before "
+                         "they reached the spool (%s); counted in `python -m tracing status`",
+                         self.spool_dir, count, cause)
+        counts[cause] = counts.get(cause, 0) + count
 
     def forget(self, path: Path) -> None:
         """Drop what is kept about a segment that is gone."""

@@ -37,7 +37,7 @@ from tracing._attempts import AttemptCloser, AttemptIndex
 from tracing._config import Config
 from tracing._exporter import SpoolExporter
 from tracing._handoff import drainer_for, handoff_remaining
-from tracing._reader import SpoolReader, delete_finished, enforce_cap
+from tracing._reader import SpoolReader, count_pending, delete_finished, enforce_cap
 from tracing._sending import BatchSender
 from tracing._spool import SegmentId, ShipperLock, writer_alive
 from tracing._status import STATUS_FILE, ShipperStats, write_status
@@ -202,6 +202,21 @@ class Shipper(ShipperCore):
                            "keeps the spool lock until that request ends", timeout)
             return
         self._hand_off(started + timeout + self.config.http_timeout)
+        self._report_left()
+
+    def _report_left(self) -> None:
+        """One line saying what this stop leaves undelivered on disk, and where."""
+        try:
+            left = count_pending(self.spool_dir)
+            attempts = len(list(self.index.open_attempts()))
+        except OSError:
+            return
+        if left.spans or left.scores or attempts:
+            logger.warning(
+                "celery-langfuse: stopping with %d span(s), %d score(s) and %d open task "
+                "attempt(s) not delivered to Langfuse; they stay in %s for the next shipper "
+                "of that directory (or `python -m tracing drain`)",
+                left.spans, left.scores, attempts, self.spool_dir)
 
     def _hand_off(self, deadline: float) -> None:
         """What the last attempt left goes to the hand-off stream: this disk may go with the

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,9 @@ class ShipperStats:
     last_success_at: float | None = None
     paused: str | None = None
     pending_bytes: int = 0
+    # Spans dropped before they reached the spool, reported by the processes that dropped
+    # them (``KIND_DROPPED`` records), by cause: e.g. ``sdk_queue_full``.
+    dropped_in_writers: dict[str, int] = field(default_factory=dict)
 
 
 def write_status(spool_dir: Path, stats: ShipperStats, **extra: Any) -> None:
