@@ -62,7 +62,7 @@ Each record is one frame, all integers little-endian::
 
     offset  size  field
     0       2     MAGIC  b"\\xc5\\x1f"
-    2       1     kind   KIND_SPAN=1, KIND_OPEN=2, KIND_DROPPED=3 (reserved), KIND_SEAL=4,
+    2       1     kind   KIND_SPAN=1, KIND_OPEN=2, KIND_DROPPED=3, KIND_SEAL=4,
                          KIND_SCORE=5
     3       4     length of payload (<= MAX_PAYLOAD; larger means corruption)
     7       4     crc32 over bytes 2..7 (kind + length) followed by the payload
@@ -74,7 +74,9 @@ Each record is one frame, all integers little-endian::
   body's format is specified in ``_spanrecord``.
 * ``KIND_OPEN``: UTF-8 JSON describing a task attempt that has started (so the shipper can close
   it as ERROR if its process dies before the task ends).
-* ``KIND_DROPPED``: reserved for a marker that records were dropped (counts), not yet written.
+* ``KIND_DROPPED``: UTF-8 JSON ``{"cause": str, "count": int}``: a writer's report that it
+  dropped ``count`` spans before they reached the spool (``sdk_queue_full``: OpenTelemetry's
+  span queue overflowed). The shipper adds the counts to its status by cause.
 * ``KIND_SCORE``: UTF-8 JSON, one Langfuse ingestion event exactly as the shipper sends it in
   the ``batch`` of ``POST /api/public/ingestion`` (``_score_record``)::
 
