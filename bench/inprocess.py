@@ -51,6 +51,8 @@ def traced_runtime(spool_dir: Path) -> Iterator[tuple[Celery, Any]]:
     finally:
         runtime.flush()
         tracing.uninstrument(app)
+        _runtime.stop()
+        _runtime._runtime = None  # later in-process users (tests) must not see this runtime
 
 
 def _time_block(call: Callable[[], Any], n: int) -> list[int]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import tracing
-from tracing import _scores, load_config
+from tracing import _runtime, _scores, load_config
 from tracing._config import Config
 from tracing._delivery import SendResult, Verdict, event_results, event_verdict
 from tracing._reader import SpoolReader
@@ -336,6 +336,7 @@ def _span_frames(n: int) -> bytes:
 def producer(config: Config, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Config]]:
     """score_task as in a process that is not a worker, its shipper start recorded, not run."""
     started: list[Config] = []
+    monkeypatch.setattr(_runtime, "current", lambda: None)  # not a worker, whatever ran before
     monkeypatch.setattr(_scores, "_config", config)
     monkeypatch.setattr(_scores, "_shipper", None)
     monkeypatch.setattr(_scores, "_pid", 0)
@@ -378,6 +379,7 @@ def test_score_task_never_waits_for_a_hanging_langfuse(tmp_path, monkeypatch):
             "LANGFUSE_PUBLIC_KEY": "pk-lf-s", "LANGFUSE_SECRET_KEY": "sk-lf-s",
             "LANGFUSE_BASE_URL": receiver.base_url, "LANGFUSE_TIMEOUT": "1",
             "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path / "spool")})
+        monkeypatch.setattr(_runtime, "current", lambda: None)
         monkeypatch.setattr(_scores, "_config", config)
         monkeypatch.setattr(_scores, "_shipper", None)
         monkeypatch.setattr(_scores, "_pid", 0)

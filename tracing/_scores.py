@@ -213,7 +213,7 @@ class _ProducerShipper:
     def stop(self, timeout: float) -> None:
         self._ready.join(timeout)
         if self.shipper is not None:
-            self.shipper.stop(timeout)
+            self.shipper.stop(timeout, report=False)  # _stop_shipper says what stays
 
 
 def _stop_shipper(shipper: Any, config: Config) -> None:

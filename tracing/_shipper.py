@@ -181,9 +181,10 @@ class Shipper(ShipperCore):
                                         daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, *, report: bool = True) -> None:
         """Last shipping attempt bounded by ``timeout`` seconds; the rest is handed off to the
-        deployment's Redis (``_handoff``) within the HTTP timeout's slack, else stays on disk."""
+        deployment's Redis (``_handoff``) within the HTTP timeout's slack, else stays on disk
+        (one log line says what stays, unless ``report`` is off: the caller says it)."""
         started = time.monotonic()
         self._final_deadline = started + timeout
         self.sender.backoff = type(self.sender.backoff)()  # one last attempt, whatever it said
@@ -202,7 +203,8 @@ class Shipper(ShipperCore):
                            "keeps the spool lock until that request ends", timeout)
             return
         self._hand_off(started + timeout + self.config.http_timeout)
-        self._report_left()
+        if report:
+            self._report_left()
 
     def _report_left(self) -> None:
         """One line saying what this stop leaves undelivered on disk, and where."""
