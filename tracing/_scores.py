@@ -38,6 +38,7 @@ import os
 import threading
 from collections.abc import Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from tracing import _instrument, _runtime
@@ -47,9 +48,6 @@ from tracing._spool import (
     KIND_SCORE,
     SegmentWriter,
     encode_frame,
-    list_segments,
-    read_cursor,
-    scan_file,
 )
 from tracing._task_span import root_observation_id_for, trace_id_for
 
@@ -274,14 +272,9 @@ def _hand_off(config: Config) -> int:
 
 def pending_scores(spool_dir: Any) -> int:
     """Score records on the spool past their segment's cursor (scans the unshipped bytes)."""
-    count = 0
-    for path, _ in list_segments(spool_dir):
-        try:
-            records = scan_file(path, read_cursor(path)).records
-        except FileNotFoundError:
-            continue
-        count += sum(1 for r in records if r.kind == KIND_SCORE)
-    return count
+    from tracing._reader import count_pending
+
+    return count_pending(Path(spool_dir)).scores
 
 
 def _warn_once(key: str, message: str, *args: Any) -> None:
