@@ -144,3 +144,38 @@ def test_bad_config_at_instrument_raises(monkeypatch):
     monkeypatch.setenv("CELERY_LANGFUSE_CAPTURE_INPUT", "sometimes")
     with pytest.raises(ConfigError, match="CELERY_LANGFUSE_CAPTURE_INPUT"):
         tracing.instrument(Celery("bad"))
+
+
+def test_traces_export_path_moves_the_endpoint_like_the_sdk():
+    """LANGFUSE_OTEL_TRACES_EXPORT_PATH is a path under the base URL, as the SDK reads it."""
+    config = load_config({"LANGFUSE_BASE_URL": "https://lf.example/prefix",
+                          "LANGFUSE_OTEL_TRACES_EXPORT_PATH": "/custom/v1/traces"})
+    assert config.traces_endpoint == "https://lf.example/prefix/custom/v1/traces"
+    assert load_config({}).traces_endpoint.endswith("/api/public/otel/v1/traces")
+
+
+def test_object_options_pass_through_and_are_checked():
+    """tracer_provider, should_export_span and mask are taken from instrument() keywords, and
+    a wrong kind of object is refused with the option's name."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    config = load_config({}, tracer_provider=provider, should_export_span=lambda s: True,
+                         mask=lambda data: data)
+    assert config.tracer_provider is provider and callable(config.mask)
+    with pytest.raises(ConfigError, match=r"tracer_provider=.*TracerProvider"):
+        load_config({}, tracer_provider="not a provider")
+    with pytest.raises(ConfigError, match=r"mask=.*expected a function"):
+        load_config({}, mask=3)
+
+
+def test_mask_is_applied_to_task_input_before_rendering(monkeypatch):
+    """A user's mask sees the task's input first; what it returns is what is rendered."""
+    from types import SimpleNamespace
+
+    from tracing import _runtime
+    from tracing._task_common import render
+
+    config = load_config({}, mask=lambda data: {"masked": True})
+    monkeypatch.setattr(_runtime, "current", lambda: SimpleNamespace(config=config))
+    assert render({"kwargs": {"email": "a@b.c"}}) == '{"masked":true}'
