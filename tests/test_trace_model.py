@@ -434,6 +434,7 @@ def test_result_store_failure_is_one_observation(app, module_receiver):
 
     [event] = events(module_receiver.wait_for(events, timeout=30, what="the store event"))
     assert event.level == "ERROR" and "ConnectionError" in (event.status_message or "")
+    assert not event.is_app_root
     _generation_under(module_receiver, task)
     assert task.metadata["final_state"] == "SUCCESS"
     assert len([o for o in module_receiver.observations

@@ -73,7 +73,7 @@ def placement(
         extracted = _propagator.extract(dict(carrier), context=otel_context.Context())
         parent = otel_trace.get_current_span(extracted).get_span_context()
         if parent.is_valid:
-            return _claimed(extracted, parent.trace_id), None
+            return claimed(extracted, parent.trace_id), None
     root = root_id or task_id
     trace_id = int(trace_id_for(root), 16)
     root_span_id = int(root_observation_id_for(root), 16)
@@ -82,10 +82,12 @@ def placement(
     parent_span = NonRecordingSpan(SpanContext(
         trace_id, root_span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))
     context = otel_trace.set_span_in_context(parent_span, otel_context.Context())
-    return _claimed(context, trace_id), None
+    return claimed(context, trace_id), None
 
 
-def _claimed(context: otel_context.Context, trace_id: int) -> otel_context.Context:
+def claimed(context: otel_context.Context, trace_id: int) -> otel_context.Context:
+    """``context`` with the SDK's root claim for ``trace_id``: spans started in it are never
+    marked app roots (their parent is another process's, or already ended)."""
     return baggage.set_baggage(_sdk.root_claim_baggage_key(), f"{trace_id:032x}", context)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 from langfuse import propagate_attributes
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from tracing import _runtime
 from tracing._attempts import from_span
@@ -64,6 +65,7 @@ from tracing._task_common import (
 from tracing._task_common import render as _render
 from tracing._task_elsewhere import emit_observation, failure_elsewhere
 from tracing._task_span import (
+    claimed,
     end_attributes,
     start_attributes,
     trace_id_for,  # noqa: F401  (its old home; callers import it from here)
@@ -86,7 +88,8 @@ _active: dict[str, _Active] = {}
 _cut_short: dict[str, _Active] = {}  # bodies interrupted before a final state (see _interrupted)
 # Attempts ended here lately, by task id: Celery stores the result *after* task_postrun, so a
 # result-store failure (task_internal_error) arrives for an attempt that is already ended.
-_ended: collections.OrderedDict[str, tuple[str, Any]] = collections.OrderedDict()
+# Only the span's ids are kept: a span object holds every attribute (input, output).
+_ended: collections.OrderedDict[str, tuple[str, SpanContext]] = collections.OrderedDict()
 
 
 # -- task start -------------------------------------------------------------------------------
@@ -277,8 +280,9 @@ def _event_after_end(task_id: str, outcome: Outcome) -> None:
     runtime = _runtime.current()
     if runtime is None:
         return
-    state, span = _ended.pop(task_id)
-    context = otel_trace.set_span_in_context(span, otel_context.Context())
+    state, ended = _ended.pop(task_id)
+    parent = otel_trace.set_span_in_context(NonRecordingSpan(ended), otel_context.Context())
+    context = claimed(parent, ended.trace_id)  # a child of the ended span, never an app root
     message = f"after {state}: {outcome.status_message}"
     event = task_tracer(runtime.config.public_key or "").start_span(
         "celery: storing the result failed", context=context,
@@ -373,7 +377,7 @@ def _report_drops(runtime: Any) -> None:
 
 
 def _remember_ended(task_id: str, state: str, span: Any) -> None:
-    _ended[task_id] = (state, span)
+    _ended[task_id] = (state, span.get_span_context())
     while len(_ended) > 1000:
         _ended.popitem(last=False)
 
