@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from langfuse import Langfuse
@@ -154,5 +154,3 @@ def _may_hold_media(span: ReadableSpan) -> bool:
             return True
     return False
 
-
-ShouldExport = Callable[[ReadableSpan], bool]
