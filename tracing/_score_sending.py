@@ -89,6 +89,30 @@ def commit_done_prefix(reader: _Reader, items: Iterable[Any]) -> bool:
     return not blocked
 
 
+class _Backing(Protocol):
+    config: Config
+    stats: Any
+    backoff: Backoff
+    clock: Callable[[], float]
+    uniform: Callable[[float, float], float]
+    _reported: set[str]
+
+
+def back_off(sender: _Backing, result: SendResult, what: str) -> None:
+    """A retryable failure: the next send waits (backoff, Retry-After); one log line per kind
+    of failure, naming what is kept (``spans`` / ``scores``)."""
+    sender.backoff = after_failure(sender.backoff, result, sender.clock(), sender.uniform)
+    described = describe(result)
+    sender.stats.last_error = described
+    kind = failure_kind(result)
+    if kind not in sender._reported:
+        sender._reported.add(kind)
+        hint = " (check LANGFUSE_BASE_URL)" if result.status in (404, 405) else ""
+        logger.warning(
+            "celery-langfuse: Langfuse at %s not accepting %s (%s)%s; backing off, nothing is "
+            "dropped", sender.config.base_url, what, described, hint)
+
+
 class ScoreSender:
     """Sends score items and applies the per-request and per-event rules."""
 
@@ -241,12 +265,4 @@ class ScoreSender:
         self.backoff = after_pause(self.backoff, self.clock(), interval)
 
     def _back_off(self, result: SendResult) -> None:
-        self.backoff = after_failure(self.backoff, result, self.clock(), self.uniform)
-        what = describe(result)
-        self.stats.last_error = what
-        kind = failure_kind(result)
-        if kind not in self._reported:
-            self._reported.add(kind)
-            logger.warning(
-                "celery-langfuse: Langfuse at %s not accepting scores (%s); backing off, "
-                "nothing is dropped", self.config.base_url, what)
+        back_off(self, result, "scores")

@@ -17,15 +17,12 @@ from tracing._delivery import (
     Backoff,
     SendResult,
     Verdict,
-    after_failure,
     after_pause,
-    describe,
-    failure_kind,
     split,
     verdict,
 )
 from tracing._reader import Item, SpoolReader
-from tracing._score_sending import ScoreSender, is_score
+from tracing._score_sending import ScoreSender, back_off, is_score
 from tracing._spanrecord import otlp_request
 from tracing._spool import write_dead_letter
 from tracing._status import ShipperStats
@@ -171,14 +168,4 @@ class BatchSender:
         self.backoff = after_pause(self.backoff, self.clock(), interval)
 
     def _back_off(self, result: SendResult) -> None:
-        self.backoff = after_failure(self.backoff, result, self.clock(), self.uniform)
-        what = describe(result)
-        self.stats.last_error = what
-        kind = failure_kind(result)
-        if kind not in self._reported:
-            self._reported.add(kind)
-            hint = " (check LANGFUSE_BASE_URL)" if result.status in (404, 405) else ""
-            logger.warning(
-                "celery-langfuse: Langfuse at %s not accepting spans (%s)%s; backing off, "
-                "nothing is dropped", self.config.base_url, what, hint,
-            )
+        back_off(self, result, "spans")
