@@ -68,7 +68,6 @@ from tracing._task_span import (
     claimed,
     end_attributes,
     start_attributes,
-    trace_id_for,  # noqa: F401  (its old home; callers import it from here)
 )
 
 logger = logging.getLogger("celery_langfuse")
