@@ -56,8 +56,7 @@ class Outcome:
 def start_span(
     name: str, task_id: str, root_id: str | None, retries: int, carrier: Mapping[str, str],
     as_type: str, *, input_text: str | None, metadata: Mapping[str, Any],
-    start_time: int | None = None, options: TaskOptions | None = None,
-    version: str | None = None,
+    options: TaskOptions | None = None, version: str | None = None,
 ) -> Any:
     """Start a task attempt's span where the trace model puts it (see ``_task_span``)."""
     runtime = _runtime.current()
@@ -69,7 +68,7 @@ def start_span(
         (options and options.environment) or config.environment,
         (options and options.release) or config.release, version)
     return start_task_span(task_tracer(config.public_key or ""), clean_text(name) or "", context,
-                           pinned, attributes, start_time)
+                           pinned, attributes)
 
 
 def safely(what: str, fallback: T, make: Callable[[], T]) -> T:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,15 +92,13 @@ def claimed(context: otel_context.Context, trace_id: int) -> otel_context.Contex
 
 def start_task_span(
     tracer: Any, name: str, context: otel_context.Context, pinned: tuple[int, int] | None,
-    attributes: Mapping[str, Any], start_time: int | None = None,
+    attributes: Mapping[str, Any],
 ) -> Any:
     """Start the span in ``context`` (with ``pinned`` ids for a true root)."""
     if pinned is None:
-        return tracer.start_span(name, context=context, attributes=attributes,
-                                 start_time=start_time)
+        return tracer.start_span(name, context=context, attributes=attributes)
     with pinned_ids(*pinned):
-        return tracer.start_span(name, context=context, attributes=attributes,
-                                 start_time=start_time)
+        return tracer.start_span(name, context=context, attributes=attributes)
 
 
 def start_attributes(
@@ -145,6 +142,3 @@ def metadata_attributes(metadata: Mapping[str, Any]) -> dict[str, str]:
         for key, value in metadata.items() if value is not None
     }
 
-
-def now_ns() -> int:
-    return time.time_ns()
