@@ -31,9 +31,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+## lint: ruff, mypy, and the import contract (a span's path runs one way; see pyproject.toml)
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 ## bench: throughput vs the alternatives, overhead, shipper, latency, memory (~12 min)
 bench: install

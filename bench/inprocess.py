@@ -35,7 +35,7 @@ KEYS = {"public_key": "pk-lf-bench-inproc", "secret_key": "sk-lf-bench-inproc",
 def traced_runtime(spool_dir: Path) -> Iterator[tuple[Celery, Any]]:
     """An in-process app with a trivial task, instrumented, and the runtime started."""
     import tracing
-    from tracing import _runtime
+    from tracing.instrumentation import _runtime
 
     app = Celery("bench_inprocess", set_as_current=False)
     app.conf.update(task_always_eager=False, task_store_eager_result=False)
@@ -67,7 +67,10 @@ def _time_block(call: Callable[[], Any], n: int) -> list[int]:
 def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
     """Per-task time with and without the handlers, and their difference (µs)."""
     import tracing
-    from tracing._instrument import _connect_worker_handlers, _disconnect_worker_handlers
+    from tracing.instrumentation._instrument import (
+        _connect_worker_handlers,
+        _disconnect_worker_handlers,
+    )
 
     with traced_runtime(spool_dir) as (app, runtime):
         task = app.tasks["bench.trivial"]
@@ -95,7 +98,7 @@ def otlp_span_frame(span: Any) -> bytes:
     """The previous version's record: a one-span OTLP request (OpenTelemetry's encoder)."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-    from tracing._spool import KIND_SPAN, encode_frame, span_payload
+    from tracing.spool import KIND_SPAN, encode_frame, span_payload
 
     context = span.get_span_context()
     return encode_frame(KIND_SPAN, span_payload(
@@ -106,7 +109,7 @@ def otlp_span_frame(span: Any) -> bytes:
 def spool_costs(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
     """Spool append per span (compact record, and the previous OTLP record, in alternating
     blocks), bare segment write per frame, and the task-end force-flush."""
-    from tracing._exporter import span_frame
+    from tracing.spool._exporter import span_frame
 
     with traced_runtime(spool_dir) as (_app, runtime):
         client = runtime.client

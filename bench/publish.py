@@ -30,7 +30,8 @@ class _Drop(SpanExporter):
 
 
 def measure(iterations: int = 5000, block: int = 250) -> dict[str, Any]:
-    from tracing import _propagation, _sdk
+    from tracing import _sdk
+    from tracing.instrumentation import _propagation
 
     key = f"pk-lf-bench-publish-{uuid.uuid4().hex[:6]}"
     client = Langfuse(public_key=key, secret_key="sk", base_url="http://127.0.0.1:9",

@@ -5,7 +5,7 @@ Langfuse SDK (a task observation with input/output and a generation, as ``t.gene
 test app makes them), and measures:
 
 * Redis memory per span: ``INFO memory`` ``used_memory`` before and after ``XADD``-ing N span
-  records in the hand-off entry format (``tracing._handoff``), divided by N;
+  records in the hand-off entry format (``tracing.shipping._handoff``), divided by N;
 * the task path if Redis were the primary spool: one ``MULTI`` of 2 ``XADD`` + ``INCRBY`` per
   task (loopback), against the local spool's one ``os.write`` of the same 2 frames;
 * hand-off (``handoff_remaining``-style batches of 1000) and drain (take + commit, no HTTP)
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import RedisServer
-from tracing._handoff import HandoffStore
-from tracing._spool import KIND_SPAN, SegmentWriter, encode_frame, list_segments, scan_file
+from tracing.shipping._handoff import HandoffStore
+from tracing.spool import KIND_SPAN, SegmentWriter, encode_frame, list_segments, scan_file
 
 
 def real_span_payloads(spool: Path, tasks: int) -> list[bytes]:
@@ -35,7 +35,7 @@ def real_span_payloads(spool: Path, tasks: int) -> list[bytes]:
     from langfuse import Langfuse
     from opentelemetry.sdk.trace import TracerProvider
 
-    from tracing._exporter import SpoolExporter
+    from tracing.spool._exporter import SpoolExporter
 
     exporter = SpoolExporter(SegmentWriter(spool))
     client = Langfuse(public_key=f"pk-lf-{uuid.uuid4().hex[:8]}", secret_key="sk",

@@ -60,8 +60,8 @@ def _clone(span: Any, trace_id: int, span_id: int, parent_id: int | None) -> Any
 
 def prepare_spool(spool_dir: Path, spans: int, seed: int = 7) -> dict[str, Any]:
     """Write ``spans`` span records (task + generation pairs) into a fresh spool."""
-    from tracing._exporter import span_frame
-    from tracing._spool import SegmentWriter
+    from tracing.spool import SegmentWriter
+    from tracing.spool._exporter import span_frame
 
     task, generation = _templates()
     rng = random.Random(seed)
@@ -95,7 +95,7 @@ class DiscardTransport:
         self.bodies = 0
 
     def send(self, body: bytes, timeout: float) -> Any:
-        from tracing._delivery import SendResult
+        from tracing.shipping._delivery import SendResult
 
         gzip.compress(body, compresslevel=1)  # HttpTransport's level
         self.bodies += 1
@@ -109,9 +109,9 @@ def drain(spool_dir: Path, base_url: str, keys: tuple[str, str], *,
           transport: Any = None, timeout: float = 600.0) -> dict[str, Any]:
     """``Shipper.drain`` the spool; spans/s over the whole drain."""
     from tracing import load_config
-    from tracing._exporter import SpoolExporter
-    from tracing._shipper import Shipper
-    from tracing._spool import SegmentWriter
+    from tracing.shipping._shipper import Shipper
+    from tracing.spool import SegmentWriter
+    from tracing.spool._exporter import SpoolExporter
 
     config = load_config(public_key=keys[0], secret_key=keys[1], base_url=base_url,
                          spool_dir=str(spool_dir), spool_max_bytes="64GB")
@@ -336,7 +336,7 @@ def _shipper_pids(main_pid: int) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"tracing._shipper_main" in cmdline:
+        if b"tracing.shipping._shipper_main" in cmdline:
             found.append(pid)
     return found
 

@@ -171,9 +171,9 @@ def _per_task_ms(before: float, after: float, settings: RunSettings) -> float:
 def _drain_leftover(harness: Harness, spool_dir: Path) -> dict[str, Any]:
     """Ship what the worker left in its spool (as the next start would), and say how much."""
     from tracing import load_config
-    from tracing._exporter import SpoolExporter
-    from tracing._shipper import Shipper
-    from tracing._spool import SegmentWriter
+    from tracing.shipping._shipper import Shipper
+    from tracing.spool import SegmentWriter
+    from tracing.spool._exporter import SpoolExporter
 
     config = load_config(public_key=harness.receiver.public_key,
                          secret_key=harness.receiver.secret_key,

@@ -317,7 +317,8 @@ def score(task_id: str, name: str, value: str, comment: str | None, root_id: str
     """Attach a score (number, or text for a categorical score) to a task's observation."""
     parsed = parse_score_value(value)
     # score_task writes the score to the spool (no network); at exit this process makes one
-    # bounded attempt to ship it, then hands what is left to a worker (see tracing._scores).
+    # bounded attempt to ship it, then hands what is left to a worker
+    # (see tracing.instrumentation._scores).
     trace_id = tracing.score_task(task_id, name, parsed, comment=comment, root_id=root_id)
     click.echo(f"scored {name}={parsed!r} on task {task_id} (trace {trace_id})")
 

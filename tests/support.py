@@ -19,7 +19,7 @@ __all__ = [*harness.__all__, "spooled_span_count"]
 
 def spooled_span_count(spool_dir: Path) -> int:
     """How many span records the spool's segments hold (shipped or not)."""
-    from tracing._spool import KIND_SPAN, list_segments, scan_file
+    from tracing.spool import KIND_SPAN, list_segments, scan_file
 
     return sum(
         sum(1 for record in scan_file(path).records if record.kind == KIND_SPAN)

@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from tests.support import ROOT
 from tracing import _sdk
 from tracing._cli import main
-from tracing._exporter import SpoolExporter
-from tracing._spool import SegmentWriter, list_segments, read_dead_letters
+from tracing.spool import SegmentWriter, list_segments, read_dead_letters
+from tracing.spool._exporter import SpoolExporter
 from tracing.testing import LangfuseReceiver
 
 
@@ -201,7 +201,7 @@ def test_remote_control_status_and_flush(start_worker, worker_env, receiver):
 def test_dead_letter_replay_keeps_scores(tmp_path):
     """A dead-lettered score is put back on the spool by replay (in a segment of its own),
     never deleted unreplayed."""
-    from tracing._spool import KIND_SCORE, KIND_SPAN, scan_file, write_dead_letter
+    from tracing.spool import KIND_SCORE, KIND_SPAN, scan_file, write_dead_letter
 
     spool = tmp_path / "spool"
     spool.mkdir(mode=0o700)

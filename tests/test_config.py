@@ -173,8 +173,8 @@ def test_mask_is_applied_to_task_input_before_rendering(monkeypatch):
     """A user's mask sees the task's input first; what it returns is what is rendered."""
     from types import SimpleNamespace
 
-    from tracing import _runtime
-    from tracing._task_common import render
+    from tracing.instrumentation import _runtime
+    from tracing.instrumentation._task_common import render
 
     config = load_config({}, mask=lambda data: {"masked": True})
     monkeypatch.setattr(_runtime, "current", lambda: SimpleNamespace(config=config))

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import Process, spooled_span_count, wait_until
 from tests.test_lifecycle import assert_all_once, producer, run_generations
-from tracing._spool import LOCK_NAME, list_segments, writer_alive, writer_lock_held
+from tracing.spool import LOCK_NAME, list_segments, writer_alive, writer_lock_held
 
 pytestmark = pytest.mark.slow
 
@@ -161,9 +161,8 @@ def test_a_spool_left_by_an_earlier_version_is_adopted_and_shipped(receiver, tmp
     after an upgrade: what was past the cursor arrives exactly once, what was before it never."""
     from tests.test_handoff import span_record
     from tracing import load_config
-    from tracing._exporter import SpoolExporter
-    from tracing._shipper import ShipperCore
-    from tracing._spool import (
+    from tracing.shipping._shipper import ShipperCore
+    from tracing.spool import (
         KIND_SPAN,
         SegmentWriter,
         encode_frame,
@@ -171,6 +170,7 @@ def test_a_spool_left_by_an_earlier_version_is_adopted_and_shipped(receiver, tmp
         segment_name,
         write_cursor,
     )
+    from tracing.spool._exporter import SpoolExporter
 
     spool = ensure_spool_dir(tmp_path / "spool")
     records = [span_record(f"old-{i}") for i in range(10)]

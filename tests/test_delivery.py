@@ -14,7 +14,7 @@ import pytest
 
 from tracing import load_config
 from tracing._config import Config
-from tracing._delivery import (
+from tracing.shipping._delivery import (
     Backoff,
     SendResult,
     Verdict,
@@ -24,11 +24,11 @@ from tracing._delivery import (
     parse_retry_after,
     verdict,
 )
-from tracing._reader import Item, SpoolReader
-from tracing._sending import BatchSender
-from tracing._spool import read_cursor, read_dead_letters
-from tracing._status import ShipperStats
-from tracing._transport import HttpTransport
+from tracing.shipping._reader import Item, SpoolReader
+from tracing.shipping._sending import BatchSender
+from tracing.shipping._status import ShipperStats
+from tracing.shipping._transport import HttpTransport
+from tracing.spool import read_cursor, read_dead_letters
 
 
 def lowest(a: float, b: float) -> float:

@@ -2,7 +2,7 @@
 
 Under a green pool the SDK's export thread is a greenlet: it cannot run while a task makes
 spans without yielding, and OpenTelemetry drops spans once its 2048-span queue is full. The
-span guard moves them to the spool every 256 spans instead (``tracing/_otel.py``).
+span guard moves them to the spool every 256 spans instead (``tracing/instrumentation/_otel.py``).
 """
 
 from __future__ import annotations

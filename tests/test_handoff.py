@@ -1,4 +1,5 @@
-"""The hand-off store (``tracing._handoff``) against a real redis-server and the loopback receiver.
+"""The hand-off store (``tracing.shipping._handoff``) against a real redis-server and the
+loopback receiver.
 
 The store rows need no worker; the last rows run real workers on separate spool directories
 ("hosts") sharing one Redis, and stop one of them for good while Langfuse is down.
@@ -21,24 +22,23 @@ import pytest
 from tests.support import RedisServer, free_port, spooled_span_count, wait_until
 from tests.test_lifecycle import assert_all_once, run_generations
 from tracing import load_config
-from tracing._attempts import OpenAttempt, closing_span
 from tracing._config import ConfigError
-from tracing._exporter import span_frame
-from tracing._handoff import (
+from tracing.shipping._handoff import (
     GROUP,
-    HandoffDrainer,
     HandoffItem,
-    HandoffReader,
     HandoffStore,
     deployment_key,
     handoff_remaining,
     mask_url,
     resolve_handoff_url,
 )
-from tracing._sending import BatchSender
-from tracing._spool import HEADER_SIZE, KIND_SPAN, read_dead_letters
-from tracing._status import ShipperStats
-from tracing._transport import HttpTransport
+from tracing.shipping._handoff_drain import HandoffDrainer, HandoffReader
+from tracing.shipping._sending import BatchSender
+from tracing.shipping._status import ShipperStats
+from tracing.shipping._transport import HttpTransport
+from tracing.spool import HEADER_SIZE, KIND_SPAN, read_dead_letters
+from tracing.spool._attempts import OpenAttempt, closing_span
+from tracing.spool._exporter import span_frame
 from tracing.testing import LangfuseReceiver
 
 
@@ -160,7 +160,7 @@ def test_an_acknowledgement_lost_after_delivery_is_never_resent(store, monkeypat
     items = store.take(10)
     real = store._acknowledge
     monkeypatch.setattr(store, "_acknowledge", lambda done: (_ for _ in ()).throw(
-        __import__("tracing._handoff", fromlist=["x"]).HandoffUnavailable("down")))
+        __import__("tracing.shipping._handoff", fromlist=["x"]).HandoffUnavailable("down")))
     store.commit(items)  # never raises
     monkeypatch.setattr(store, "_acknowledge", real)
     assert store.take(10) == []

@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import tracing
-from tracing._options import DEFAULT_OPTIONS, options_for
-from tracing._propagation import inject, read_headers
+from tracing.instrumentation._options import DEFAULT_OPTIONS, options_for
+from tracing.instrumentation._propagation import inject, read_headers
 
 
 def test_options_are_read_from_the_task_function():
@@ -90,7 +90,7 @@ def test_trace_id_is_derived_from_the_root_id():
 
 def test_only_spans_that_may_hold_media_go_through_the_sdk_transformer(captured):
     """Spans with base64 data URIs take the SDK's media path; plain spans skip its cloning."""
-    from tracing._client import _may_hold_media
+    from tracing.instrumentation._client import _may_hold_media
 
     plain = captured.langfuse.start_observation(name="plain", input={"text": "hello"})
     plain.end()
@@ -121,7 +121,7 @@ def test_queue_wait_is_never_negative_and_counts_from_the_eta():
     import time
     from datetime import datetime, timezone
 
-    from tracing._task_tracing import queue_wait_ms
+    from tracing.instrumentation._task_tracing import queue_wait_ms
 
     assert queue_wait_ms(time.time() + 60, None) == 0.0
     assert queue_wait_ms(None, None) is None
@@ -132,7 +132,7 @@ def test_queue_wait_is_never_negative_and_counts_from_the_eta():
 def test_link_join_moves_the_sender_into_metadata():
     """join="link" drops the carrier, roots the task in its own trace, and records the
     sender's trace and observation ids; "off" drops the carrier only."""
-    from tracing._task_tracing import joined
+    from tracing.instrumentation._task_tracing import joined
 
     carrier = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
     metadata: dict[str, object] = {}

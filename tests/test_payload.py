@@ -10,7 +10,7 @@ import uuid
 from decimal import Decimal
 
 from tracing._config import DEFAULT_REDACT_PATTERN
-from tracing._payload import REDACTED, render
+from tracing.instrumentation._payload import REDACTED, render
 
 REDACT = re.compile(DEFAULT_REDACT_PATTERN)
 
@@ -86,7 +86,7 @@ def test_deep_and_wide_structures_are_bounded():
 
 def test_attribute_text_matches_the_rendering():
     """The attribute form is the rendering as JSON text; a string stays a raw string."""
-    from tracing._payload import render_attribute
+    from tracing.instrumentation._payload import render_attribute
 
     value = {"args": [1, "x"], "password": "p"}
     text = render_attribute(value, redact=REDACT, max_bytes=10_000)
@@ -101,7 +101,7 @@ def test_attribute_text_matches_the_rendering():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tracing._payload import clean_text, render_attribute  # noqa: E402
+from tracing.instrumentation._payload import clean_text, render_attribute  # noqa: E402
 
 
 class Raising:

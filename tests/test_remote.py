@@ -12,10 +12,12 @@ from types import SimpleNamespace
 import pytest
 from celery import Celery
 
-from tracing import _reader, _remote, _runtime, load_config
-from tracing._exporter import SpoolExporter
-from tracing._shipper import Shipper
-from tracing._spool import KIND_SPAN, SegmentWriter, encode_frame
+from tracing import load_config
+from tracing.instrumentation import _remote, _runtime
+from tracing.shipping import _reader
+from tracing.shipping._shipper import Shipper
+from tracing.spool import KIND_SPAN, SegmentWriter, encode_frame
+from tracing.spool._exporter import SpoolExporter
 
 
 def fake_runtime(spool: Path) -> SimpleNamespace:

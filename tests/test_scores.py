@@ -16,14 +16,16 @@ import httpx
 import pytest
 
 import tracing
-from tracing import _runtime, _scores, load_config
+from tracing import load_config
 from tracing._config import Config
-from tracing._delivery import SendResult, Verdict, event_results, event_verdict
-from tracing._reader import SpoolReader
-from tracing._score_record import encode_event, event_id_of, score_event, score_id_for
-from tracing._score_sending import ScoreSender, ingestion_transport
-from tracing._sending import BatchSender
-from tracing._spool import (
+from tracing.instrumentation import _runtime, _scores
+from tracing.shipping._delivery import SendResult, Verdict, event_results, event_verdict
+from tracing.shipping._reader import SpoolReader
+from tracing.shipping._score_sending import ScoreSender, ingestion_transport
+from tracing.shipping._sending import BatchSender
+from tracing.shipping._status import ShipperStats
+from tracing.shipping._transport import HttpTransport
+from tracing.spool import (
     KIND_SCORE,
     SegmentWriter,
     encode_frame,
@@ -32,8 +34,7 @@ from tracing._spool import (
     read_dead_letters,
     scan_file,
 )
-from tracing._status import ShipperStats
-from tracing._transport import HttpTransport
+from tracing.spool._score_record import encode_event, event_id_of, score_event, score_id_for
 from tracing.testing import LangfuseReceiver
 
 TRACE = "0123456789abcdef0123456789abcdef"
@@ -319,7 +320,7 @@ def _span_frames(n: int) -> bytes:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from tracing._exporter import span_frame
+    from tracing.spool._exporter import span_frame
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -435,7 +436,8 @@ class FakeStore:
 
 def test_handed_off_scores_are_drained_through_the_score_route(config):
     """Score entries a stopping worker handed off go to /api/public/ingestion, each acked once."""
-    from tracing._handoff import HandoffDrainer, HandoffItem, HandoffReader
+    from tracing.shipping._handoff import HandoffItem
+    from tracing.shipping._handoff_drain import HandoffDrainer, HandoffReader
 
     events = [score_event(trace_id=TRACE, name=n, value=1.0) for n in ("a", "b")]
     items = [HandoffItem(f"1-{i}".encode(), encode_event(e), KIND_SCORE)
@@ -460,7 +462,7 @@ def test_in_a_worker_the_score_goes_to_the_worker_spool_and_wakes_its_shipper(
     shipper of its own starts."""
     from types import SimpleNamespace
 
-    from tracing import _runtime
+    from tracing.instrumentation import _runtime
 
     woken: list[bool] = []
     runtime = SimpleNamespace(config=config, shipper=SimpleNamespace(

@@ -14,8 +14,8 @@ import pytest
 import tracing
 from tests.support import wait_until
 from tests.test_lifecycle import run_generations
-from tracing._score_record import encode_event, score_event
-from tracing._spool import KIND_SCORE, SegmentWriter, encode_frame, read_dead_letters
+from tracing.spool import KIND_SCORE, SegmentWriter, encode_frame, read_dead_letters
+from tracing.spool._score_record import encode_event, score_event
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,10 +112,10 @@ def test_a_producer_no_worker_ships_for_hands_its_scores_to_redis_at_exit(
     deployment's Redis stream, and the drainer every worker's shipper runs delivers them exactly
     once when Langfuse is back."""
     from tracing import load_config
-    from tracing._handoff import drainer_for
-    from tracing._scores import pending_scores
-    from tracing._status import ShipperStats
-    from tracing._transport import HttpTransport
+    from tracing.instrumentation._scores import pending_scores
+    from tracing.shipping._handoff_drain import drainer_for
+    from tracing.shipping._status import ShipperStats
+    from tracing.shipping._transport import HttpTransport
 
     receiver.down()
     web_spool = tmp_path / "web-spool"

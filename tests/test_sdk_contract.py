@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing import _sdk
-from tracing._client import MediaRouter, task_tracer
-from tracing._otel import PinnedIds, pinned_ids
+from tracing.instrumentation._client import MediaRouter, task_tracer
+from tracing.instrumentation._otel import PinnedIds, pinned_ids
 
 pytestmark = pytest.mark.sdk_contract
 VERSION = _sdk.sdk_version()

@@ -22,10 +22,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing import _sdk, load_config
-from tracing._delivery import SendResult
-from tracing._exporter import SpoolExporter
-from tracing._shipper import Shipper
-from tracing._spool import (
+from tracing.shipping._delivery import SendResult
+from tracing.shipping._shipper import Shipper
+from tracing.spool import (
     KIND_SPAN,
     SegmentWriter,
     ShipperLock,
@@ -36,6 +35,7 @@ from tracing._spool import (
     segment_name,
     span_payload,
 )
+from tracing.spool._exporter import SpoolExporter
 from tracing.testing import LangfuseReceiver
 
 
@@ -196,7 +196,7 @@ def test_closing_span_keeps_a_non_error_end_out_of_error_status():
     """A task revoked by termination is closed as WARNING/REVOKED, not as an OTel error."""
     from opentelemetry.trace import StatusCode
 
-    from tracing._attempts import OpenAttempt, closing_span
+    from tracing.spool._attempts import OpenAttempt, closing_span
 
     attempt = OpenAttempt(task_id="t", name="t.x", trace_id="ab" * 16, span_id="cd" * 8,
                           parent_span_id=None, start_ns=1, attributes={})
@@ -332,8 +332,8 @@ def test_spans_dropped_before_the_spool_are_counted_by_cause(receiver, spool, ma
     log line for the cause, and the spans around it still ship."""
     import json as _json
 
-    from tracing._spool import KIND_DROPPED, encode_frame
-    from tracing._status import read_status
+    from tracing.shipping._status import read_status
+    from tracing.spool import KIND_DROPPED, encode_frame
 
     make_spans(2)
     report = _json.dumps({"cause": "sdk_queue_full", "count": 7}).encode()

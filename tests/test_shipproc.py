@@ -15,10 +15,10 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from tests.support import wait_until
 from tracing import _sdk, load_config
-from tracing._attempts import OpenAttempt
-from tracing._exporter import SpoolExporter
-from tracing._shipproc import ShipperProcess
-from tracing._spool import SegmentWriter, ShipperLock
+from tracing.shipping._shipproc import ShipperProcess
+from tracing.spool import SegmentWriter, ShipperLock
+from tracing.spool._attempts import OpenAttempt
+from tracing.spool._exporter import SpoolExporter
 from tracing.testing import LangfuseReceiver
 
 pytestmark = pytest.mark.slow
@@ -154,8 +154,8 @@ def test_sigterm_to_the_process_group_leaves_shipping_to_the_worker(receiver, sp
 def test_an_attempt_another_process_closed_is_not_closed_again(tmp_path):
     """If the shipper already wrote an attempt's closing span, the main process's
     close_attempt says it is closed and writes nothing (no second observation)."""
-    from tracing._attempts import AttemptCloser, AttemptIndex, closing_span
-    from tracing._exporter import span_frame
+    from tracing.spool._attempts import AttemptCloser, AttemptIndex, closing_span
+    from tracing.spool._exporter import span_frame
 
     spool = tmp_path / "spool"
     attempt = OpenAttempt(task_id="t-raced", name="t.generate", trace_id="ab" * 16,

@@ -13,7 +13,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from tracing._spanrecord import BODY_COMPACT, BODY_OTLP, encode_record, otlp_request
+from tracing.spool._spanrecord import BODY_COMPACT, BODY_OTLP, encode_record, otlp_request
 
 TRACE, SPAN, PARENT = 0xABCDEF0123456789ABCDEF0123456789, 0x1122334455667788, 0x99AA
 RESOURCE = Resource({"service.name": "worker", "telemetry.sdk.version": "1.45.2",

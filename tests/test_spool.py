@@ -1,4 +1,4 @@
-"""Tests for tracing._spool: framing, scanning, segment files, cursors, the shipper lock."""
+"""Tests for tracing.spool: framing, scanning, segment files, cursors, the shipper lock."""
 
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracing import _spool
-from tracing._spool import (
+from tracing.spool import (
     HEADER_SIZE,
     KIND_OPEN,
     KIND_SEAL,
@@ -39,6 +38,7 @@ from tracing._spool import (
     SegmentWriter,
     ShipperLock,
     SpoolError,
+    _segments,
     cursor_path,
     default_spool_dir,
     encode_frame,
@@ -343,7 +343,7 @@ def test_writer_alive_sees_a_writer_killed_in_another_pid_namespace(tmp_path: Pa
         pytest.skip("unshare --pid is not allowed here (needs root)")
     code = textwrap.dedent(f"""
         import sys, time
-        from tracing._spool import SegmentWriter, encode_frame, KIND_SPAN
+        from tracing.spool import SegmentWriter, encode_frame, KIND_SPAN
         w = SegmentWriter({str(tmp_path)!r})
         w.append(encode_frame(KIND_SPAN, b"x" * 20))
         w.append(encode_frame(KIND_SPAN, b"y" * 20)[:9])  # a torn tail, as if killed mid-write
@@ -424,9 +424,9 @@ def test_parse_proc_stat_with_hostile_comm() -> None:
     """A comm containing spaces and parentheses does not shift the starttime field."""
     rest = " ".join(["S"] + [str(i) for i in range(4, 53)])  # fields 3..52; field 22 is "22"
     raw = f"4242 (evil) ) (name) {rest}\n".encode()  # comm is "evil) ) (name"
-    assert _spool._parse_proc_stat(raw) == ("S", 22)
-    assert _spool._parse_proc_stat(b"garbage") is None
-    assert _spool._parse_proc_stat(b"1 (x) S 1 2") is None
+    assert _segments._parse_proc_stat(raw) == ("S", 22)
+    assert _segments._parse_proc_stat(b"garbage") is None
+    assert _segments._parse_proc_stat(b"1 (x) S 1 2") is None
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
@@ -451,7 +451,7 @@ def test_writer_alive_distinguishes_live_dead_zombie_and_reused_pid() -> None:
     start = process_start_time(pid)
     deadline = time.monotonic() + 5
     while True:  # wait until it is a zombie (exited, not yet reaped)
-        st_ = _spool._proc_stat(pid)
+        st_ = _segments._proc_stat(pid)
         if st_ is None or st_[0] == "Z" or time.monotonic() > deadline:
             break
         time.sleep(0.01)
@@ -463,7 +463,7 @@ def test_writer_alive_distinguishes_live_dead_zombie_and_reused_pid() -> None:
 
 def test_writer_alive_without_proc_uses_kill(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without /proc, liveness falls back to kill(pid, 0)."""
-    monkeypatch.setattr(_spool, "_HAVE_PROC", False)
+    monkeypatch.setattr(_segments, "_HAVE_PROC", False)
     assert writer_alive(SegmentId(os.getpid(), 0, 0))
     pid = os.fork()
     if pid == 0:
@@ -712,7 +712,7 @@ def test_cursor_round_trip_missing_and_corrupt(
     assert stat.S_IMODE(cursor_path(seg).stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [seg.name + ".cursor"]  # no temp file left
     cursor_path(seg).write_bytes(b"12\x0034")
-    with caplog.at_level(logging.WARNING, logger="tracing._spool"):
+    with caplog.at_level(logging.WARNING, logger="tracing.spool"):
         assert read_cursor(seg) == 0
     assert "corrupt" in caplog.text
     with pytest.raises(ValueError):
@@ -776,7 +776,7 @@ def _lock_probe(spool: Path) -> str:
     """Try the shipper lock from a fresh process; return 'GOT' or 'BUSY'."""
     code = textwrap.dedent(
         f"""
-        from tracing._spool import ShipperLock
+        from tracing.spool import ShipperLock
         print("GOT" if ShipperLock({str(spool)!r}).acquire() else "BUSY")
         """
     )
@@ -826,7 +826,7 @@ def lock_holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     code = textwrap.dedent(
         f"""
         import sys, time
-        from tracing._spool import ShipperLock
+        from tracing.spool import ShipperLock
         lock = ShipperLock({str(tmp_path)!r})
         assert lock.acquire()
         print("locked", flush=True)
@@ -892,7 +892,7 @@ def test_lock_does_not_outlive_a_killed_holder_through_its_children(tmp_path: Pa
     code = textwrap.dedent(
         f"""
         import os, time
-        from tracing._spool import ShipperLock
+        from tracing.spool import ShipperLock
         lock = ShipperLock({str(tmp_path)!r})
         assert lock.acquire()
         child = os.fork()
@@ -944,7 +944,7 @@ def test_at_fork_hook_of_a_collected_writer_is_skipped(tmp_path: Path) -> None:
     del w
     gc.collect()
     assert ref() is None
-    _spool._call_if_alive(ref)  # must not raise
+    _segments._call_if_alive(ref)  # must not raise
     pid = os.fork()
     if pid == 0:
         os._exit(0)

@@ -61,7 +61,7 @@ def app(env: dict[str, str], worker: WorkerProcess) -> Celery:
     producer = Celery(broker=env["CELERY_BROKER_URL"], backend=env["CELERY_RESULT_BACKEND"])
     producer.conf.task_default_queue = env["TEST_QUEUE"]
     # What instrument(app) does in a producer that imports the instrumented app module.
-    from tracing._propagation import connect_publish_handler
+    from tracing.instrumentation._propagation import connect_publish_handler
 
     connect_publish_handler()
     return producer
@@ -301,7 +301,7 @@ def test_langfuse_openai_generation_goes_through_the_spool(app, module_receiver,
     assert requests and all(r.headers.get("user-agent") == "celery-langfuse" for r in requests)
 
 
-# -- the trace as Langfuse v4 shows it (see tracing/_task_span.py) ------------------------------
+# -- the trace as Langfuse v4 shows it (see tracing/instrumentation/_task_span.py) ------
 
 def test_single_task_is_the_parentless_root_of_its_trace(app, module_receiver):
     """A task sent from outside any trace is its trace's one root, with no parent span id at
@@ -503,7 +503,7 @@ def test_prompt_linked_generation_arrives_linked_through_the_spool(app, module_r
 
 def test_trace_url_for_a_task(module_receiver):
     """trace_url_for gives the trace's UI address, with the project id looked up once."""
-    from tracing import _urls
+    from tracing.instrumentation import _urls
 
     config = tracing.load_config(public_key=module_receiver.public_key,
                                  secret_key=module_receiver.secret_key,
@@ -521,7 +521,7 @@ def test_trace_url_for_a_task(module_receiver):
 def test_publish_observation_shows_where_the_job_left(app, module_receiver):
     """With publish observations on, a producer inside an observation records an
     `enqueue <task>` child (task id, routing key) and the task hangs under it."""
-    from tracing import _propagation
+    from tracing.instrumentation import _propagation
 
     client = Langfuse(public_key=module_receiver.public_key,
                       secret_key=module_receiver.secret_key,

@@ -18,28 +18,33 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tracing._config import Config, ConfigError, load_config
-    from tracing._instrument import instrument, is_instrumented, uninstrument
-    from tracing._options import TaskOptions, task_options
-    from tracing._propagation import TraceAttributes, trace_attributes
-    from tracing._scores import score_task
-    from tracing._spool import SpoolError
-    from tracing._task_span import root_observation_id_for, trace_id_for
-    from tracing._urls import trace_url_for
+    from tracing.instrumentation._instrument import instrument, is_instrumented, uninstrument
+    from tracing.instrumentation._options import TaskOptions, task_options
+    from tracing.instrumentation._propagation import TraceAttributes, trace_attributes
+    from tracing.instrumentation._scores import score_task
+    from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
+    from tracing.instrumentation._urls import trace_url_for
+    from tracing.spool import SpoolError
 
 # Where each public name lives. Resolved on first use (PEP 562), so importing a submodule
 # (``tracing._cli`` is loaded by every ``celery`` command through the ``celery.commands``
 # entry point) does not import the Langfuse SDK and Celery's worker machinery with it.
 _EXPORTS = {
-    "Config": "tracing._config", "ConfigError": "tracing._config",
+    "Config": "tracing._config",
+    "ConfigError": "tracing._config",
     "load_config": "tracing._config",
-    "instrument": "tracing._instrument", "is_instrumented": "tracing._instrument",
-    "uninstrument": "tracing._instrument",
-    "TaskOptions": "tracing._options", "task_options": "tracing._options",
-    "TraceAttributes": "tracing._propagation", "trace_attributes": "tracing._propagation",
-    "score_task": "tracing._scores",
-    "SpoolError": "tracing._spool",
-    "root_observation_id_for": "tracing._task_span", "trace_id_for": "tracing._task_span",
-    "trace_url_for": "tracing._urls",
+    "instrument": "tracing.instrumentation._instrument",
+    "is_instrumented": "tracing.instrumentation._instrument",
+    "uninstrument": "tracing.instrumentation._instrument",
+    "TaskOptions": "tracing.instrumentation._options",
+    "task_options": "tracing.instrumentation._options",
+    "TraceAttributes": "tracing.instrumentation._propagation",
+    "trace_attributes": "tracing.instrumentation._propagation",
+    "score_task": "tracing.instrumentation._scores",
+    "SpoolError": "tracing.spool",
+    "root_observation_id_for": "tracing.instrumentation._task_span",
+    "trace_id_for": "tracing.instrumentation._task_span",
+    "trace_url_for": "tracing.instrumentation._urls",
 }
 
 

@@ -25,9 +25,8 @@ import click
 import httpx
 
 from tracing._config import Config, ConfigError, load_config
-from tracing._exporter import SpoolExporter
-from tracing._shipper import STATUS_FILE, Shipper
-from tracing._spool import (
+from tracing.shipping._shipper import STATUS_FILE, Shipper
+from tracing.spool import (
     KIND_OPEN,
     KIND_SCORE,
     KIND_SPAN,
@@ -39,6 +38,7 @@ from tracing._spool import (
     remove_dead_letter,
     scan_file,
 )
+from tracing.spool._exporter import SpoolExporter
 
 
 def _config(spool_dir: str | None) -> Config:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tracing._spool import default_spool_dir
+from tracing.spool import default_spool_dir
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -56,8 +56,9 @@ class Config:
     traces_export_path: str | None = None  # LANGFUSE_OTEL_TRACES_EXPORT_PATH, as the SDK reads it
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 1024**3
-    # Where a stopping worker hands off what it could not ship (tracing._handoff): "auto" is
-    # the Celery broker when it is Redis; None (CELERY_LANGFUSE_HANDOFF_URL=off) disables it.
+    # Where a stopping worker hands off what it could not ship (tracing.shipping._handoff):
+    # "auto" is the Celery broker when it is Redis; None (CELERY_LANGFUSE_HANDOFF_URL=off)
+    # disables it.
     handoff_url: str | None = "auto"
     shutdown_timeout: float = 5.0
     flush_interval: float = 1.0

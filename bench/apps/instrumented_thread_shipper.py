@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from tracing import _runtime
+from tracing.instrumentation import _runtime
 
 _runtime.start = functools.partial(_runtime.start, ship="thread")
 

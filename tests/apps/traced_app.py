@@ -34,7 +34,7 @@ tracing.instrument(app)
 
 if os.environ.get("TEST_BREAK_TRACING"):
     # Inject failures into the tracing layer itself: every task's handlers hit them.
-    import tracing._task_tracing as _task_tracing
+    import tracing.instrumentation._task_tracing as _task_tracing
 
     def _broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("injected tracing failure")

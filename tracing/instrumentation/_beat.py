@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import signals
 
-from tracing._propagation import trace_attributes
+from tracing.instrumentation._propagation import trace_attributes
 
 logger = logging.getLogger("celery_langfuse")
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracing._spanrecord import span_record
-from tracing._spool import SegmentWriter
+from tracing.spool import SegmentWriter
+from tracing.spool._spanrecord import span_record
 
 logger = logging.getLogger("celery_langfuse")
 

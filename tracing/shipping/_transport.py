@@ -16,7 +16,7 @@ from typing import Protocol
 import httpx
 
 from tracing._config import Config
-from tracing._delivery import SendResult, parse_retry_after
+from tracing.shipping._delivery import SendResult, parse_retry_after
 
 # Raised before a byte of the request can have reached the server: nothing can be stored.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout,

@@ -18,7 +18,7 @@ import threading
 import httpx
 
 from tracing._config import Config, load_config
-from tracing._task_span import trace_id_for
+from tracing.instrumentation._task_span import trace_id_for
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -78,7 +78,7 @@ def _lookup(config: Config, timeout: float) -> str | None:
 
 
 def _config() -> Config:
-    from tracing import _runtime
+    from tracing.instrumentation import _runtime
 
     runtime = _runtime.current()
     return runtime.config if runtime is not None else load_config()

@@ -15,24 +15,28 @@ from typing import Any
 
 from celery import Celery, signals
 
-from tracing import _runtime
-from tracing._beat import connect_beat_handler
 from tracing._config import Config, load_config
-from tracing._propagation import (
+from tracing.instrumentation import _runtime
+from tracing.instrumentation._beat import connect_beat_handler
+from tracing.instrumentation._propagation import (
     connect_publish_handler,
     disconnect_publish_handler,
     record_publishes,
 )
-from tracing._spool import SpoolError
-from tracing._task_common import never_raises
-from tracing._task_elsewhere import on_task_rejected, on_task_revoked, on_task_unknown
-from tracing._task_tracing import (
+from tracing.instrumentation._task_common import never_raises
+from tracing.instrumentation._task_elsewhere import (
+    on_task_rejected,
+    on_task_revoked,
+    on_task_unknown,
+)
+from tracing.instrumentation._task_tracing import (
     on_task_failure,
     on_task_internal_error,
     on_task_postrun,
     on_task_prerun,
     on_task_retry,
 )
+from tracing.spool import SpoolError
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -47,7 +51,7 @@ def instrument(app: Celery, **options: Any) -> Config:
     ``ConfigError``. Idempotent. Returns the configuration in force.
     """
     global _config
-    from tracing import _remote  # noqa: F401  (registers the remote control commands)
+    from tracing.instrumentation import _remote  # noqa: F401  (registers the remote control commands)
 
     config = load_config(**options)
     _config = config

@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 from opentelemetry import trace as otel_trace
 
-from tracing import _runtime
-from tracing._client import task_tracer
-from tracing._options import TaskOptions
-from tracing._payload import clean_text, render_attribute
-from tracing._task_span import placement, start_attributes, start_task_span
+from tracing.instrumentation import _runtime
+from tracing.instrumentation._client import task_tracer
+from tracing.instrumentation._options import TaskOptions
+from tracing.instrumentation._payload import clean_text, render_attribute
+from tracing.instrumentation._task_span import placement, start_attributes, start_task_span
 
 logger = logging.getLogger("celery_langfuse")
 

@@ -41,15 +41,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tracing import _instrument, _runtime
 from tracing._config import Config, load_config
-from tracing._score_record import encode_event, score_event
-from tracing._spool import (
+from tracing.instrumentation import _instrument, _runtime
+from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
+from tracing.spool import (
     KIND_SCORE,
     SegmentWriter,
     encode_frame,
 )
-from tracing._task_span import root_observation_id_for, trace_id_for
+from tracing.spool._score_record import encode_event, score_event
 
 __all__ = ["pending_scores", "score_task"]
 
@@ -191,9 +191,9 @@ class _ProducerShipper:
         self._ready.start()
 
     def _build(self) -> None:
-        from tracing import _handoff  # noqa: F401  (imported now: no import works at exit)
-        from tracing._exporter import SpoolExporter
-        from tracing._shipper import Shipper
+        from tracing.shipping import _handoff  # noqa: F401  (imported now: no import works at exit)
+        from tracing.shipping._shipper import Shipper
+        from tracing.spool._exporter import SpoolExporter
 
         try:
             shipper = Shipper(self.config, SpoolExporter(SegmentWriter(self.config.spool_dir)))
@@ -241,16 +241,16 @@ def _hand_off(config: Config) -> int:
     the records stay on disk (``handoff_remaining`` logs it)."""
     import time
 
-    from tracing._handoff import (
+    from tracing.shipping._handoff import (
         HandoffStore,
-        broker_url,
         deployment_key,
         handoff_remaining,
         resolve_handoff_url,
     )
-    from tracing._reader import SpoolReader
-    from tracing._spool import ShipperLock
-    from tracing._status import ShipperStats
+    from tracing.shipping._handoff_drain import broker_url
+    from tracing.shipping._reader import SpoolReader
+    from tracing.shipping._status import ShipperStats
+    from tracing.spool import ShipperLock
 
     url = resolve_handoff_url(config.handoff_url, broker_url())
     if url is None:
@@ -272,7 +272,7 @@ def _hand_off(config: Config) -> int:
 
 def pending_scores(spool_dir: Any) -> int:
     """Score records on the spool past their segment's cursor (scans the unshipped bytes)."""
-    from tracing._reader import count_pending
+    from tracing.shipping._reader import count_pending
 
     return count_pending(Path(spool_dir)).scores
 

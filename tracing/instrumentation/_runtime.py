@@ -25,13 +25,13 @@ from typing import Any
 
 from langfuse import Langfuse
 
-from tracing._client import attach_langfuse
 from tracing._config import Config
-from tracing._exporter import SpoolExporter
-from tracing._handoff import with_broker
-from tracing._shipper import Shipper
-from tracing._shipproc import ShipperProcess
-from tracing._spool import SegmentWriter, ensure_spool_dir
+from tracing.instrumentation._client import attach_langfuse
+from tracing.shipping._handoff_drain import with_broker
+from tracing.shipping._shipper import Shipper
+from tracing.shipping._shipproc import ShipperProcess
+from tracing.spool import SegmentWriter, ensure_spool_dir
+from tracing.spool._exporter import SpoolExporter
 
 logger = logging.getLogger("celery_langfuse")
 

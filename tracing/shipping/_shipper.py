@@ -33,15 +33,16 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from tracing._attempts import AttemptCloser, AttemptIndex
 from tracing._config import Config
-from tracing._exporter import SpoolExporter
-from tracing._handoff import drainer_for, handoff_remaining
-from tracing._reader import SpoolReader, count_pending, delete_finished, enforce_cap
-from tracing._sending import BatchSender
-from tracing._spool import SegmentId, ShipperLock, writer_alive
-from tracing._status import STATUS_FILE, ShipperStats, write_status
-from tracing._transport import HttpTransport, Transport
+from tracing.shipping._handoff import handoff_remaining
+from tracing.shipping._handoff_drain import drainer_for
+from tracing.shipping._reader import SpoolReader, count_pending, delete_finished, enforce_cap
+from tracing.shipping._sending import BatchSender
+from tracing.shipping._status import STATUS_FILE, ShipperStats, write_status
+from tracing.shipping._transport import HttpTransport, Transport
+from tracing.spool import SegmentId, ShipperLock, writer_alive
+from tracing.spool._attempts import AttemptCloser, AttemptIndex
+from tracing.spool._exporter import SpoolExporter
 
 __all__ = ["STATUS_FILE", "Shipper", "ShipperCore", "ShipperStats"]
 

@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from tracing._spool import (
+from tracing.spool import (
     KIND_OPEN,
     KIND_SPAN,
     SegmentId,
@@ -316,7 +316,7 @@ class AttemptCloser:
     def _write_closing(
         self, attempt: OpenAttempt, reason: str, level: str, final_state: str
     ) -> None:
-        from tracing._exporter import span_frame
+        from tracing.spool._exporter import span_frame
 
         self.write(span_frame(closing_span(attempt, reason, level=level,
                                            final_state=final_state)))

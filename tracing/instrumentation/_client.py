@@ -6,8 +6,8 @@ Logfire have one): every Langfuse span, task inputs included, then also goes to 
 application's exporter, and ``LANGFUSE_SAMPLE_RATE`` is ignored. So we hand the SDK a
 ``TracerProvider`` that is not registered globally, with Langfuse's resource attributes, the
 sample rate as a trace-id ratio sampler (the decision is the same for every task of a tree),
-and our :class:`~tracing._otel.SpanGuard` first in line. ``instrument(tracer_provider=...)``
-passes the user's own provider instead.
+and our :class:`~tracing.instrumentation._otel.SpanGuard` first in line.
+``instrument(tracer_provider=...)`` passes the user's own provider instead.
 
 **Whoever came first.** The SDK keeps one resource manager per public key per process and
 the first constructor wins: a ``Langfuse(...)`` or ``get_client()`` call at import time,
@@ -34,8 +34,8 @@ from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from tracing import _sdk
 from tracing._config import Config
-from tracing._otel import SpanGuard, pin_ids_on
 from tracing._sdk import LangfuseWiringError
+from tracing.instrumentation._otel import SpanGuard, pin_ids_on
 
 __all__ = ["LangfuseWiringError", "attach_langfuse", "task_tracer"]
 
@@ -78,7 +78,7 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
 
 def task_tracer(public_key: str) -> Any:
     """The tracer task spans are made with: the SDK's own (same scope, so its processor
-    exports them), honouring :func:`~tracing._otel.pinned_ids`."""
+    exports them), honouring :func:`~tracing.instrumentation._otel.pinned_ids`."""
     provider = _sdk.tracer_provider_of(public_key)
     if provider is None:
         raise LangfuseWiringError(f"no Langfuse client for public key {public_key!r}")

@@ -2,7 +2,7 @@
 
 The worker's main process runs Celery's consumer loop; reading the spool, encoding OTLP and
 gzip there would take its interpreter lock from dispatch. So the main process starts
-``python -m tracing._shipper_main`` and only supervises it (``ShipperProcess``):
+``python -m tracing.shipping._shipper_main`` and only supervises it (``ShipperProcess``):
 
 * **Control** is the child's stdin, a pipe: the main process writes the pickled ``Config``
   first (length-prefixed), then one byte per command (non-blocking): ``w`` ship now, ``s``
@@ -39,11 +39,11 @@ import threading
 import time
 from typing import IO, Any
 
-from tracing._attempts import AttemptCloser, AttemptIndex
 from tracing._config import Config
-from tracing._exporter import SpoolExporter
-from tracing._spool import SegmentWriter, ensure_spool_dir
-from tracing._status import STATUS_FILE, ShipperStats, read_status
+from tracing.shipping._status import STATUS_FILE, ShipperStats, read_status
+from tracing.spool import SegmentWriter, ensure_spool_dir
+from tracing.spool._attempts import AttemptCloser, AttemptIndex
+from tracing.spool._exporter import SpoolExporter
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -132,8 +132,8 @@ class ShipperProcess:
     def _spawn(self) -> None:
         ensure_spool_dir(self.spool_dir)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tracing._shipper_main"], stdin=subprocess.PIPE, bufsize=0,
-            close_fds=True,
+            [sys.executable, "-m", "tracing.shipping._shipper_main"],
+            stdin=subprocess.PIPE, bufsize=0, close_fds=True,
         )
         assert proc.stdin is not None
         blob = pickle.dumps(self.config)
@@ -197,7 +197,7 @@ def _read_config(stream: IO[bytes]) -> Config:
 
 def main() -> None:
     """Run the shipper until told to stop or the main process is gone (end of file)."""
-    from tracing._shipper import Shipper
+    from tracing.shipping._shipper import Shipper
 
     # The worker's main process decides when shipping stops (STOP, or end of file when it is
     # gone): a SIGTERM or Ctrl-C sent to the whole process group must not skip the last

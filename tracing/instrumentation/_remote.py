@@ -18,7 +18,7 @@ from typing import Any
 
 from celery.worker.control import control_command, inspect_command
 
-from tracing import _runtime
+from tracing.instrumentation import _runtime
 
 
 @inspect_command()

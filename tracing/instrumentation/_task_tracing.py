@@ -45,15 +45,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
 
-from tracing import _runtime
-from tracing._attempts import from_span
-from tracing._client import task_tracer
-from tracing._options import TaskOptions, options_for
-from tracing._otel import drop_counter, task_context
-from tracing._payload import clean_text
-from tracing._propagation import TraceAttributes, read_headers
-from tracing._spool import KIND_DROPPED, encode_frame
-from tracing._task_common import (
+from tracing.instrumentation import _runtime
+from tracing.instrumentation._client import task_tracer
+from tracing.instrumentation._options import TaskOptions, options_for
+from tracing.instrumentation._otel import drop_counter, task_context
+from tracing.instrumentation._payload import clean_text
+from tracing.instrumentation._propagation import TraceAttributes, read_headers
+from tracing.instrumentation._task_common import (
     Outcome,
     describe,
     mark_error,
@@ -62,13 +60,15 @@ from tracing._task_common import (
     start_span,
     traceback_text,
 )
-from tracing._task_common import render as _render
-from tracing._task_elsewhere import emit_observation, failure_elsewhere
-from tracing._task_span import (
+from tracing.instrumentation._task_common import render as _render
+from tracing.instrumentation._task_elsewhere import emit_observation, failure_elsewhere
+from tracing.instrumentation._task_span import (
     claimed,
     end_attributes,
     start_attributes,
 )
+from tracing.spool import KIND_DROPPED, encode_frame
+from tracing.spool._attempts import from_span
 
 logger = logging.getLogger("celery_langfuse")
 

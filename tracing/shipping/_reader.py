@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracing._spool import (
+from tracing.shipping._status import ShipperStats
+from tracing.spool import (
     KIND_DROPPED,
     KIND_SCORE,
     KIND_SEAL,
@@ -41,7 +42,6 @@ from tracing._spool import (
     write_dead_letter,
     writer_alive,
 )
-from tracing._status import ShipperStats
 
 logger = logging.getLogger("celery_langfuse")
 

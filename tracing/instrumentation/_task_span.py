@@ -47,7 +47,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tracing import _sdk
-from tracing._otel import pinned_ids
+from tracing.instrumentation._otel import pinned_ids
 
 _propagator = TraceContextTextMapPropagator()
 _NAMES = _sdk.attribute_names()

@@ -13,11 +13,17 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-from tracing import _runtime
-from tracing._payload import clean_text
-from tracing._propagation import read_headers
-from tracing._task_common import Outcome, describe, mark_error, never_raises, start_span
-from tracing._task_span import end_attributes
+from tracing.instrumentation import _runtime
+from tracing.instrumentation._payload import clean_text
+from tracing.instrumentation._propagation import read_headers
+from tracing.instrumentation._task_common import (
+    Outcome,
+    describe,
+    mark_error,
+    never_raises,
+    start_span,
+)
+from tracing.instrumentation._task_span import end_attributes
 
 _LOST = ("TimeLimitExceeded", "WorkerLostError", "Terminated")
 

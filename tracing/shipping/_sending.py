@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from tracing._config import Config
-from tracing._delivery import (
+from tracing.shipping._delivery import (
     Backoff,
     SendResult,
     Verdict,
@@ -21,12 +21,12 @@ from tracing._delivery import (
     split,
     verdict,
 )
-from tracing._reader import Item, SpoolReader
-from tracing._score_sending import ScoreSender, back_off, is_score
-from tracing._spanrecord import otlp_request
-from tracing._spool import write_dead_letter
-from tracing._status import ShipperStats
-from tracing._transport import Transport
+from tracing.shipping._reader import Item, SpoolReader
+from tracing.shipping._score_sending import ScoreSender, back_off, is_score
+from tracing.shipping._status import ShipperStats
+from tracing.shipping._transport import Transport
+from tracing.spool import write_dead_letter
+from tracing.spool._spanrecord import otlp_request
 
 logger = logging.getLogger("celery_langfuse")
 

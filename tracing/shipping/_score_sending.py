@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from tracing._config import Config
-from tracing._delivery import (
+from tracing.shipping._delivery import (
     Backoff,
     SendResult,
     Verdict,
@@ -40,9 +40,9 @@ from tracing._delivery import (
     split,
     verdict,
 )
-from tracing._score_record import event_id_of
-from tracing._spool import KIND_SCORE, write_dead_letter
-from tracing._transport import HttpTransport, Transport, headers_for
+from tracing.shipping._transport import HttpTransport, Transport, headers_for
+from tracing.spool import KIND_SCORE, write_dead_letter
+from tracing.spool._score_record import event_id_of
 
 __all__ = ["INGESTION_PATH", "ScoreSender", "commit_done_prefix", "ingestion_transport",
            "is_score"]

@@ -62,7 +62,7 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 
-from tracing._spool import KIND_SPAN, encode_frame
+from tracing.spool import KIND_SPAN, encode_frame
 
 __all__ = ["BODY_COMPACT", "BODY_OTLP", "encode_record", "otlp_request", "span_record"]
 
