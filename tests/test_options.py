@@ -53,8 +53,9 @@ def test_unknown_observation_type():
         tracing.task_options(as_type="robot")
 
 
-def test_headers_carry_attributes_and_traceparent_at_both_levels():
-    """The producer writes trace attributes and traceparent at both header levels."""
+def test_headers_carry_attributes_and_traceparent_at_the_top_level_only():
+    """The producer writes trace attributes and traceparent as top-level headers and never a
+    nested "headers" dict (which would become the task's whole request.headers)."""
     client = Langfuse(public_key="pk-opts", secret_key="sk", base_url="http://127.0.0.1:9",
                       tracer_provider=TracerProvider(), span_exporter=InMemorySpanExporter())
     headers: dict[str, object] = {}
@@ -62,12 +63,10 @@ def test_headers_carry_attributes_and_traceparent_at_both_levels():
             tracing.trace_attributes(user_id="u", tags=["a"]), \
             tracing.trace_attributes(session_id="s", tags=["b"]):
         inject(headers)
-    nested = headers["headers"]
-    assert isinstance(nested, dict)
-    for level in (headers, nested):
-        assert span.trace_id in str(level["traceparent"]) and span.id in str(level["traceparent"])
-        assert json.loads(str(level["celery_langfuse"])) == {
-            "user_id": "u", "session_id": "s", "tags": ["a", "b"]}
+    assert "headers" not in headers
+    assert span.trace_id in str(headers["traceparent"]) and span.id in str(headers["traceparent"])
+    assert json.loads(str(headers["celery_langfuse"])) == {
+        "user_id": "u", "session_id": "s", "tags": ["a", "b"]}
 
 
 def test_headers_are_read_from_either_level():

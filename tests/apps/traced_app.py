@@ -26,6 +26,11 @@ app.conf.update(
     accept_content=["json"],
 )
 
+if os.environ.get("TEST_VISIBILITY_TIMEOUT"):
+    # Redis restores an unacked message (acks_late, worker killed) after this many seconds.
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["TEST_VISIBILITY_TIMEOUT"])}
+
 if os.environ.get("TEST_CLIENT_BEFORE_INSTRUMENT"):
     # An application that created its Langfuse client at import time, before instrument().
     get_client()
@@ -87,6 +92,38 @@ def retry(self: Any) -> str:
     if self.request.retries == 0:
         raise self.retry(exc=RuntimeError("flaky"), countdown=0.1)
     return "ok"
+
+
+@app.task(name="t.headers", bind=True, max_retries=1)
+def headers_seen(self: Any, first: Any = None) -> dict[str, Any]:
+    """Retried once; returns the request.headers each attempt saw (Celery's own
+    test_task_retried_headers, with the first attempt's headers kept too)."""
+    seen = dict(self.request.headers or {})
+    if self.request.retries == 0:
+        raise self.retry(kwargs={"first": seen}, countdown=0.1)
+    return {"first": first, "second": seen}
+
+
+@app.task(name="t.redelivered", bind=True, acks_late=True, reject_on_worker_lost=True)
+def redelivered(self: Any) -> str:
+    """First delivery: a generation, then waits to be killed; the redelivered message
+    (acks_late + reject_on_worker_lost) makes its own generation and returns."""
+    if self.request.delivery_info.get("redelivered"):
+        _generation("redelivered-run-llm", "again")
+        return "redelivered run"
+    _generation("killed-run-llm", "first")
+    time.sleep(60)
+    return "first run"
+
+
+@app.task(name="t.requeue", bind=True, acks_late=True)
+def requeue(self: Any) -> str:
+    """Rejects its message with requeue on the first delivery; the redelivery succeeds."""
+    if self.request.delivery_info.get("redelivered"):
+        _generation("requeued-second-llm", "second")
+        return "second"
+    _generation("requeued-first-llm", "first")
+    raise Reject("not now", requeue=True)
 
 
 @app.task(name="t.ignore")

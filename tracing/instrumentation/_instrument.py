@@ -23,6 +23,7 @@ from tracing.instrumentation._propagation import (
     disconnect_publish_handler,
     record_publishes,
 )
+from tracing.instrumentation._redelivery import on_task_received
 from tracing.instrumentation._task_common import never_raises
 from tracing.instrumentation._task_elsewhere import (
     on_task_rejected,
@@ -94,6 +95,7 @@ _TASK_SIGNALS: list[tuple[Any, Callable[..., Any]]] = [
     (signals.task_revoked, on_task_revoked),
     (signals.task_rejected, on_task_rejected),
     (signals.task_unknown, on_task_unknown),
+    (signals.task_received, on_task_received),
 ]
 
 

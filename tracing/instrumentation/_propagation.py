@@ -8,8 +8,17 @@ context, so a producer inside an observation gets the task as its child, and
 version, join) and ``celery_langfuse_sent_at`` (the publish time, epoch seconds as text, from
 which the worker computes how long the message waited in the queue).
 
-Celery nests custom headers under ``headers["headers"]`` or not depending on the message
-protocol and on how the task was sent, so both levels are written and both are read.
+Where the headers go, and why only at the top level: Celery (5.x, protocol 2) merges custom
+headers flat into the message headers; the worker's ``Context`` then takes as
+``request.headers`` every message header that is not one of Celery's own, *unless* the message
+has a key named ``headers``, in which case ``request.headers`` is that dict alone — and
+``Task.retry`` republishes exactly ``request.headers``. A nested ``headers`` dict written by
+us would therefore hide the producer's own custom headers from the task and drop them from
+every retry. So ours are written at the top level only (protocol 1 hands the worker the whole
+header dict as ``request.headers``, so they are found there too), and a task sees the headers
+it was sent plus ours (``traceparent``, ``tracestate``, ``celery_langfuse``,
+``celery_langfuse_sent_at``). Reading still looks at both levels: messages published by older
+versions carry them nested.
 ``send_task`` of a task the producer does not have registered goes through the same signal,
 so it is covered too.
 """
@@ -179,26 +188,21 @@ def _inject_under_enqueue(
 
 
 def inject(headers: MutableMapping[str, Any]) -> None:
-    """Write the current trace context and attributes into both header levels."""
+    """Write the current trace context and attributes into the message's top-level headers
+    (never a nested ``headers`` dict: see the module docstring)."""
     carrier: dict[str, str] = {SENT_AT_HEADER: f"{time.time():.6f}"}
     _propagator.inject(carrier)
     attrs = _current.get()
     if attrs is not None:
         carrier[ATTRIBUTES_HEADER] = attrs.to_json()
-    nested = headers.get("headers")
-    if not isinstance(nested, MutableMapping):
-        nested = {}
-        headers["headers"] = nested
     for key, value in carrier.items():
         if key in _W3C_KEYS or key == SENT_AT_HEADER:
             # The observation publishing the message is its parent, even when the message
             # copies an older one's headers (``Task.retry`` copies the request's): so attempt
             # n+1 hangs under attempt n, a chain link under the link before.
             headers[key] = value
-            nested[key] = value
         else:
             headers.setdefault(key, value)
-            nested.setdefault(key, value)
 
 
 @dataclass(frozen=True)

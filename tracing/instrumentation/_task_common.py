@@ -56,13 +56,13 @@ class Outcome:
 def start_span(
     name: str, task_id: str, root_id: str | None, retries: int, carrier: Mapping[str, str],
     as_type: str, *, input_text: str | None, metadata: Mapping[str, Any],
-    options: TaskOptions | None = None, version: str | None = None,
+    options: TaskOptions | None = None, version: str | None = None, execution: int = 1,
 ) -> Any:
     """Start a task attempt's span where the trace model puts it (see ``_task_span``)."""
     runtime = _runtime.current()
     assert runtime is not None
     config = runtime.config
-    context, pinned = placement(carrier, task_id, root_id, retries)
+    context, pinned = placement(carrier, task_id, root_id, retries, execution)
     attributes = start_attributes(
         as_type, input_text, metadata,
         (options and options.environment) or config.environment,

@@ -89,7 +89,7 @@ def on_task_revoked(
     task_id: str | None = getattr(request, "id", None)
     if task_id is None:
         return
-    name = str(getattr(request, "task_name", None) or getattr(request, "name", "celery.task"))
+    name = revoked_task_name(sender, request)
     if expired:
         reason = "revoked: expired before it could run"
     elif terminated:
@@ -102,6 +102,19 @@ def on_task_revoked(
     emit_observation(name, task_id, getattr(request, "root_id", None),
                      Outcome("WARNING", reason), "REVOKED",
                      carrier=read_headers(request).carrier)
+
+
+def revoked_task_name(sender: Any, request: Any) -> str:
+    """The name of a revoked task: ``task_revoked``'s sender is the task, and Celery 5.x's
+    request is a ``Context`` holding the name in ``.task`` (a ``Request``'s ``.task`` is the
+    task object); older requests have ``task_name`` or ``name``."""
+    candidates = (getattr(sender, "name", None), getattr(request, "task", None),
+                  getattr(request, "task_name", None), getattr(request, "name", None))
+    for candidate in candidates:
+        name = candidate if isinstance(candidate, str) else getattr(candidate, "name", None)
+        if isinstance(name, str) and name:
+            return name
+    return "celery.unknown"
 
 
 @never_raises

@@ -10,12 +10,23 @@ the message                                          the attempt's span
 carries W3C ``traceparent`` (the producer, or the    a child of that span, in its trace: chain
 task that sent it, was inside an observation)        links, callbacks, retries, sub-tasks
 no ``traceparent``, the tree's root task, first      THE trace root: no parent at all, trace
-attempt                                              id ``trace_id_for(root_id)``, span id
+attempt, first execution                             id ``trace_id_for(root_id)``, span id
                                                      ``root_observation_id_for(root_id)``
 no ``traceparent``, any other task of the tree: a    a child of the root task's first attempt
-later attempt of the root task, a canvas member      (both ids derived from ``root_id``, so
-whose ``root_id`` names another task                 any process can compute them)
+later attempt or a later execution of the root       (both ids derived from ``root_id``, so
+task, a canvas member whose ``root_id`` names        any process can compute them), with a
+another task                                         span id of its own
 ==================================================  =========================================
+
+Every execution of a message is its own observation (``_redelivery``): a redelivered root
+task's message (acks_late after a lost worker, ``Reject(requeue=True)``, a resent task id, an
+eager re-apply) must not take the derived root id a second time — Langfuse would keep one of
+the two and the killed run would vanish, its generations under the run that replaced it — nor
+become a second parentless root. So the first execution keeps the derived root id and stays
+the trace's one root (ERROR if it died: the main process or the shipper closes it under that
+id), and each later execution hangs under it with an id of its own, its own generations under
+it. The trace's name and input come from the first execution either way; its output is the
+first execution's (none if it died), the redelivered run's output is on its own observation.
 
 Celery's own root ids always name a task that runs first (a chain's first link; each member
 of a group sent from outside a trace is its own root). A producer that overrides ``root_id``
@@ -65,9 +76,11 @@ def root_observation_id_for(root_id: str) -> str:
 
 
 def placement(
-    carrier: Mapping[str, str], task_id: str, root_id: str | None, retries: int
+    carrier: Mapping[str, str], task_id: str, root_id: str | None, retries: int,
+    execution: int = 1,
 ) -> tuple[otel_context.Context, tuple[int, int] | None]:
-    """The context to start the attempt's span in, and the ids to pin (a true root)."""
+    """The context to start the attempt's span in, and the ids to pin (a true root: the root
+    task's first attempt in its first ``execution``)."""
     if "traceparent" in carrier:
         extracted = _propagator.extract(dict(carrier), context=otel_context.Context())
         parent = otel_trace.get_current_span(extracted).get_span_context()
@@ -76,7 +89,7 @@ def placement(
     root = root_id or task_id
     trace_id = int(trace_id_for(root), 16)
     root_span_id = int(root_observation_id_for(root), 16)
-    if root == task_id and not retries:
+    if root == task_id and not retries and execution <= 1:
         return otel_context.Context(), (trace_id, root_span_id)
     parent_span = NonRecordingSpan(SpanContext(
         trace_id, root_span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)))

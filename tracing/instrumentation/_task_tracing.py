@@ -51,6 +51,7 @@ from tracing.instrumentation._options import TaskOptions, options_for
 from tracing.instrumentation._otel import drop_counter, task_context
 from tracing.instrumentation._payload import clean_text
 from tracing.instrumentation._propagation import TraceAttributes, read_headers
+from tracing.instrumentation._redelivery import execution_of
 from tracing.instrumentation._task_common import (
     Outcome,
     describe,
@@ -118,10 +119,16 @@ def on_task_prerun(
     queue_wait = queue_wait_ms(incoming.sent_at, getattr(request, "eta", None))
     if queue_wait is not None:
         metadata["queue_wait_ms"] = queue_wait
+    execution, redelivered = safely("telling a redelivery", (1, False),
+                                    lambda: execution_of(task_id, request))
+    if redelivered:
+        metadata["redelivered"] = True
+    if execution > 1:
+        metadata["execution"] = execution
     span = start_span(
         task.name, task_id, root_id, getattr(request, "retries", 0) or 0, carrier,
         options.as_type, input_text=input_text, metadata=metadata, options=options,
-        version=options.version or incoming.attributes.version,
+        version=options.version or incoming.attributes.version, execution=execution,
     )
     # Registered before anything else can fail, so task_postrun always ends the observation
     # and detaches the context: a context left attached would leak into the next task.

@@ -15,6 +15,12 @@ generations the task already produced hang under it:
 - otherwise the shipper, once the writer is known dead for a grace period (the main process
   gets the first chance, since its reason is more precise).
 
+A task id can have several executions (a redelivered message, a resent task id), each with
+its own observation id. The main process knows only the task id: it closes the newest open
+attempt of that task not older than one it already closed; older executions left open are
+the shipper's orphans. :meth:`AttemptIndex.executions` counts the executions of a task id
+this spool has seen started (how the main process tells a redelivery from a first run).
+
 :class:`AttemptIndex` reads the spool incrementally and keeps only attempts still open, so
 its memory is bounded by the tasks in flight, not by the tasks run.
 """
@@ -50,6 +56,7 @@ logger = logging.getLogger("celery_langfuse")
 
 LEVEL = "langfuse.observation.level"
 STATUS_MESSAGE = "langfuse.observation.status_message"
+RETRIES = "langfuse.observation.metadata.retries"  # the task's metadata, JSON text: "0"
 AttributeValue = Any
 
 
@@ -153,6 +160,7 @@ class AttemptIndex:
         self._dead_since: dict[SegmentId, float] = {}
         self._seen_live_pass = False
         self._closed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._started: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._lock = threading.RLock()
 
     def refresh(self) -> None:
@@ -168,6 +176,7 @@ class AttemptIndex:
                 del self._read_to[gone]
             for tracked in opened:
                 self._open[tracked.attempt.span_id] = tracked
+                self._count_started(tracked.attempt)
             for span_id in closed:
                 self._forget_open(span_id)
 
@@ -197,12 +206,26 @@ class AttemptIndex:
             except FileNotFoundError:
                 return True
 
-    def find_task(self, task_id: str) -> OpenAttempt | None:
+    def _count_started(self, attempt: OpenAttempt) -> None:
+        key = (attempt.task_id, str(attempt.attributes.get(RETRIES, "0")))
+        self._started[key] = self._started.pop(key, 0) + 1
+        while len(self._started) > 10_000:
+            self._started.popitem(last=False)
+
+    def executions(self, task_id: str, retries: int = 0) -> int:
+        """How many executions of the message (``task_id``, ``retries``) this spool has seen
+        start: open-attempt records read, including any appended since the last read."""
         with self._lock:
-            for tracked in self._open.values():
-                if tracked.attempt.task_id == task_id:
-                    return tracked.attempt
-        return None
+            self.refresh()
+            return self._started.get((task_id, str(retries)), 0)
+
+    def find_task(self, task_id: str, started_after: int = -1) -> OpenAttempt | None:
+        """The newest open attempt of ``task_id`` that started after ``started_after`` (ns)."""
+        with self._lock:
+            found = [tracked.attempt for tracked in self._open.values()
+                     if tracked.attempt.task_id == task_id
+                     and tracked.attempt.start_ns > started_after]
+        return max(found, key=lambda attempt: attempt.start_ns) if found else None
 
     def mark_closed(self, span_id: str) -> None:
         with self._lock:
@@ -272,7 +295,7 @@ WORKER_LOST = (
 
 
 class AttemptCloser:
-    """Writes the closing observation of attempts whose process died, once per task id.
+    """Writes the closing observation of attempts whose process died, once per attempt.
 
     ``write`` appends one ready frame to the spool (the process's own exporter), so whoever
     calls :meth:`close` — the main process on Celery's signal, or the shipper for orphans —
@@ -283,22 +306,23 @@ class AttemptCloser:
         self.index = index
         self.write = write
         self.closed_count = 0
-        self._closed_tasks: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Per task id, the start (ns) of the last attempt ``close`` closed: Celery signals a
+        # hard time limit twice, and the second signal must not close an older execution.
+        self._closed_tasks: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._closed_spans: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def close(
         self, task_id: str, reason: str, *, level: str = "ERROR", final_state: str = "FAILURE"
     ) -> bool:
-        """Close ``task_id``'s open attempt; False if the spool holds none for it."""
+        """Close ``task_id``'s newest open attempt; False if the spool holds none for it."""
         with self._lock:
-            if task_id in self._closed_tasks:
-                return True
             self.index.refresh()
-            attempt = self.index.find_task(task_id)
+            attempt = self.index.find_task(task_id, self._closed_tasks.get(task_id, -1))
             if attempt is None:
-                # Already closed (by another process, e.g. the shipper after the grace
-                # period) counts as closed: no second observation for it.
-                return self.index.was_closed(task_id)
+                # Already closed (here, or by another process, e.g. the shipper after the
+                # grace period) counts as closed: no second observation for it.
+                return task_id in self._closed_tasks or self.index.was_closed(task_id)
             self._write_closing(attempt, reason, level, final_state)
         return True
 
@@ -307,7 +331,7 @@ class AttemptCloser:
         orphans = self.index.orphans(dead_for)
         with self._lock:
             for attempt in orphans:
-                if attempt.task_id in self._closed_tasks:
+                if attempt.span_id in self._closed_spans:
                     self.index.mark_closed(attempt.span_id)
                     continue
                 self._write_closing(attempt, WORKER_LOST, "ERROR", "FAILURE")
@@ -322,6 +346,9 @@ class AttemptCloser:
                                            final_state=final_state)))
         self.index.mark_closed(attempt.span_id)
         self.closed_count += 1
-        self._closed_tasks[attempt.task_id] = None
-        while len(self._closed_tasks) > 10_000:
-            self._closed_tasks.popitem(last=False)
+        self._closed_tasks[attempt.task_id] = max(
+            attempt.start_ns, self._closed_tasks.pop(attempt.task_id, -1))
+        self._closed_spans[attempt.span_id] = None
+        for seen in (self._closed_tasks, self._closed_spans):
+            while len(seen) > 10_000:
+                seen.popitem(last=False)
