@@ -160,6 +160,48 @@ def test_expired_task_is_revoked(app, module_receiver):
     [obs] = task_observations(module_receiver, result.id)
     assert obs.level == "WARNING" and "expired" in (obs.status_message or "")
     assert obs.metadata["final_state"] == "REVOKED"
+    assert obs.name == "t.add"  # the task's name, not celery.task
+
+
+def test_revoked_before_it_ran_is_named_after_the_task(app, module_receiver):
+    """A task revoked by id before a worker ran it is a REVOKED observation with its name."""
+    task_id = str(uuid.uuid4())
+    app.control.revoke(task_id)
+    app.send_task("t.add", args=[2, 2], task_id=task_id, countdown=1)
+    [obs] = task_observations(module_receiver, task_id)
+    assert obs.name == "t.add" and obs.metadata["final_state"] == "REVOKED"
+
+
+OURS = {"traceparent", "tracestate", "celery_langfuse", "celery_langfuse_sent_at"}
+
+
+def test_task_sees_the_headers_it_was_sent_on_every_attempt(app):
+    """A task sent with custom headers sees exactly them (beside tracing's own top-level
+    keys, never a nested "headers" dict) on its first attempt and after Task.retry()
+    (Celery's test_task_retried_headers)."""
+    result = app.send_task("t.headers", headers={"x-test-header": "test-value"})
+    seen = result.get(timeout=30)
+    for attempt in ("first", "second"):
+        headers = seen[attempt]
+        assert {k: v for k, v in headers.items() if k not in OURS} == {
+            "x-test-header": "test-value"}, (attempt, headers)
+        assert "celery_langfuse_sent_at" in headers
+    assert "traceparent" in seen["second"]  # published by attempt 1, inside its observation
+
+
+def test_resent_task_id_is_a_new_observation_under_the_first(app, module_receiver):
+    """A task id sent a second time (after the first ran) is a second observation, marked as
+    a redelivery, under the first, which stays the trace's one root."""
+    task_id = str(uuid.uuid4())
+    assert app.send_task("t.add", args=[1, 2], task_id=task_id).get(timeout=30) == 3
+    task_observations(module_receiver, task_id)
+    assert app.send_task("t.add", args=[1, 2], task_id=task_id).get(timeout=30) == 3
+    first, again = task_observations(module_receiver, task_id, n=2)
+    assert first.id == tracing.root_observation_id_for(task_id) != again.id
+    assert again.parent_observation_id == first.id and not again.is_app_root
+    assert again.metadata.get("redelivered") is True and again.metadata.get("execution") == 2
+    trace = module_receiver.trace(tracing.trace_id_for(task_id))
+    assert [r.id for r in trace.roots] == [first.id]
 
 
 def test_chain_of_three_is_one_trace_with_parents(app, module_receiver):
