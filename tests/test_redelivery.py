@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import types
 import uuid
 from pathlib import Path
@@ -189,3 +191,21 @@ def test_reject_with_requeue_then_redelivered(start_worker, worker_env, receiver
     assert first.metadata.get("final_state") == "REJECTED" and first.level == "WARNING"
     assert again.metadata.get("final_state") == "SUCCESS"
     assert_one_root_tree(receiver, result.id, first, again)
+
+
+@pytest.mark.slow
+def test_eager_re_apply_is_a_second_observation(worker_env, receiver):
+    """A task applied eagerly twice with one task id (in a process with a runtime of its
+    own) is two observations: the first the trace's root, the second under it."""
+    task_id = str(uuid.uuid4())
+    script = (
+        "from tests.apps import traced_app\n"
+        "from tracing.instrumentation import _instrument, _runtime\n"
+        "_runtime.start(_instrument._config, ship='thread')\n"
+        f"for _ in range(2):\n    traced_app.add.apply(args=(1, 2), task_id={task_id!r})\n"
+        "_runtime.stop()\n")
+    subprocess.run([sys.executable, "-c", script], env={**os.environ, **worker_env},
+                   cwd=Path(__file__).resolve().parent.parent, check=True, timeout=120)
+    first, again = executions(receiver, task_id, 2, "t.add", ())
+    assert again.metadata.get("execution") == 2
+    assert_one_root_tree(receiver, task_id, first, again)
