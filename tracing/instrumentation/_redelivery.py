@@ -34,7 +34,6 @@ is placed as a first execution (see ``docs/trace-model.md``).
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 from tracing.instrumentation import _runtime
@@ -43,9 +42,10 @@ from tracing.instrumentation._task_common import never_raises
 EXECUTION_KEY = "celery_langfuse_execution"
 _MEMORY = 10_000
 
-# Messages (task id, retries) this main process received, and those this process started.
-_received: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
-_started: collections.OrderedDict[tuple[str, int], int] = collections.OrderedDict()
+# Messages (task id, retries) this main process received, and those this process started
+# (plain dicts keep insertion order: the oldest entries go first).
+_received: dict[tuple[str, int], None] = {}
+_started: dict[tuple[str, int], int] = {}
 
 
 @never_raises
@@ -58,7 +58,7 @@ def on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None:
     if runtime is None or not task_id or not isinstance(delivery, dict):
         return
     request_dict = getattr(request, "request_dict", None) or {}
-    key = (str(task_id), _int(request_dict.get("retries")))
+    key = (task_id, request_dict.get("retries") or 0)
     seen = key in _received
     _remember(_received, key, None)
     if not (seen or delivery.get("redelivered")) or runtime.shipper is None:
@@ -72,18 +72,20 @@ def execution_of(task_id: str, request: Any) -> tuple[int, bool]:
     """Which execution of its message the attempt starting now is, and whether the message
     was redelivered (by the broker, or as far as this worker knows)."""
     delivery = getattr(request, "delivery_info", None) or {}
-    key = (task_id, _int(getattr(request, "retries", 0)))
-    here = _started.get(key, 0) + 1
-    _remember(_started, key, here)
-    execution = max(here, _int(delivery.get(EXECUTION_KEY)) or 1)
+    key = (task_id, getattr(request, "retries", 0) or 0)
+    execution = _started.get(key, 0) + 1
+    _remember(_started, key, execution)
+    told = delivery.get(EXECUTION_KEY)
+    if told is not None:
+        execution = max(execution, _int(told))
     return execution, execution > 1 or bool(delivery.get("redelivered"))
 
 
-def _remember(memory: collections.OrderedDict[Any, Any], key: Any, value: Any) -> None:
-    memory.pop(key, None)
+def _remember(memory: dict[Any, Any], key: Any, value: Any) -> None:
+    """Keep ``key`` (the oldest entries go first, past ``_MEMORY``)."""
     memory[key] = value
-    while len(memory) > _MEMORY:
-        memory.popitem(last=False)
+    if len(memory) > _MEMORY:
+        del memory[next(iter(memory))]
 
 
 def _int(value: Any) -> int:
