@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 from opentelemetry import trace as otel_trace
 
@@ -162,14 +163,27 @@ def test_whole_worker_killed_then_redelivered_to_the_next(
 ):
     """The whole worker SIGKILLed mid-task (acks_late): the next worker on the same spool
     gets the message back from Redis; the killed run is closed ERROR, the redelivery is a new
-    observation under it."""
+    observation under it. A message the killed worker had prefetched but never started comes
+    back flagged too, and is its trace's root (no earlier execution to hang under)."""
     env = {"TEST_VISIBILITY_TIMEOUT": "1"}
-    worker = start_worker(env=env, concurrency=1)
-    result = producer(worker_env).send_task("t.redelivered")
+    worker = start_worker(env=env, concurrency=1, extra=("--prefetch-multiplier=2",))
+    app = producer(worker_env)
+    result = app.send_task("t.redelivered")
     wait_until(lambda: spooled_span_count(spool_dir) >= 1, 30, "the killed run's generation")
+    prefetched = app.send_task("t.add", args=[20, 22])
+    broker = redis.Redis.from_url(worker_env["CELERY_BROKER_URL"])
+    wait_until(lambda: broker.llen(worker_env["TEST_QUEUE"]) == 0, 30,
+               "the worker to prefetch the second message")
     worker.kill_group()
     start_worker(env=env, concurrency=1)
     assert result.get(timeout=60) == "redelivered run"
+    assert prefetched.get(timeout=60) == 42
+    [never_started] = executions(receiver, prefetched.id, 1, "t.add", ())
+    assert never_started.metadata.get("redelivered") is True
+    assert "execution" not in never_started.metadata
+    assert never_started.id == root_observation_id_for(prefetched.id)
+    assert [r.id for r in receiver.trace(tracing.trace_id_for(prefetched.id)).roots] == [
+        never_started.id]
     killed, again = executions(receiver, result.id, 2, "t.redelivered",
                                ("killed-run-llm", "redelivered-run-llm"))
     assert killed.level == "ERROR" and "worker lost" in (killed.status_message or "")
