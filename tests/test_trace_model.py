@@ -172,6 +172,25 @@ def test_revoked_before_it_ran_is_named_after_the_task(app, module_receiver):
     assert obs.name == "t.add" and obs.metadata["final_state"] == "REVOKED"
 
 
+def test_revoked_name_comes_from_the_sender_or_the_request():
+    """A revoked task's name is the sender's, else Celery 5's Context.task, else a request
+    object's task name; never the placeholder while any of them names the task."""
+    from celery.app.task import Context
+
+    from tracing.instrumentation._task_elsewhere import revoked_task_name
+
+    context = Context({"id": "x", "task": "t.add"})
+    assert revoked_task_name(None, context) == "t.add"
+    assert revoked_task_name(app_task("t.mul"), context) == "t.mul"
+    request = type("Request", (), {"task": app_task("t.sub"), "name": "t.sub"})()
+    assert revoked_task_name(None, request) == "t.sub"
+    assert revoked_task_name(None, Context({"id": "x"})) == "celery.unknown"
+
+
+def app_task(name: str) -> Any:
+    return type("Task", (), {"name": name})()
+
+
 OURS = {"traceparent", "tracestate", "celery_langfuse", "celery_langfuse_sent_at"}
 
 
