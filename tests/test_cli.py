@@ -215,3 +215,29 @@ def test_dead_letter_replay_keeps_scores(tmp_path):
     assert [r.kind for r in records if r.kind != 4] == [KIND_SCORE]
     assert KIND_SPAN not in {r.kind for r in records}
     assert read_dead_letters(spool) == []
+
+
+def test_status_shows_times_as_iso_8601_with_their_age(tmp_path):
+    """`status` shows the shipper's times as ISO-8601 UTC text with "N s ago" (not raw epoch
+    seconds); `--json` gives the same ISO text plus the age in seconds."""
+    import re
+    import time
+
+    from tracing.shipping._status import ShipperStats, write_status
+
+    spool = tmp_path / "spool"
+    write_spans(spool, 2)
+    write_status(spool, ShipperStats(shipped_spans=3, last_success_at=time.time() - 42.4))
+    env = {"CELERY_LANGFUSE_SPOOL_DIR": str(spool)}
+    text = CliRunner().invoke(main, ["status"], env=env)
+    assert text.exit_code == 0, text.output
+    line = next(x for x in text.output.splitlines() if "last_success_at" in x)
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(4[2-4] s ago\)", line), line
+    assert re.search(r"oldest_unshipped_at\s+\d{4}-\d\d-\d\dT.*Z \(\d+ s ago\)", text.output)
+    assert not re.search(r"\b1[7-9]\d{8}(\.\d+)?\b", text.output)  # no raw epoch anywhere
+    report = json.loads(CliRunner().invoke(main, ["status", "--json"], env=env).output)
+    shipping = report["last shipping"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", shipping["last_success_at"])
+    assert 42 <= shipping["last_success_age_s"] < 45
+    assert shipping["updated_age_s"] < 5 and shipping["shipped_spans"] == 3
+    assert report["spool"]["oldest_unshipped_at"].endswith("Z")

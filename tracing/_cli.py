@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,12 @@ from tracing.spool._exporter import SpoolExporter
 
 
 def _config(spool_dir: str | None) -> Config:
+    """The worker's configuration; under ``celery -A app langfuse`` with the app's settings."""
+    context = click.get_current_context(silent=True)
+    app = getattr(context.obj, "app", None) if context is not None else None  # Celery's CLIContext
+    options: dict[str, Any] = {"spool_dir": spool_dir} if spool_dir else {}
     try:
-        return load_config(spool_dir=spool_dir) if spool_dir else load_config()
+        return load_config(app_config=app.conf if app is not None else None, **options)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -75,7 +80,20 @@ def status(spool_dir: str | None, as_json: bool) -> None:
     for title, values in sections.items():
         click.echo(f"{title}:")
         for key, value in values.items():
+            if key.endswith("_age_s") and key.removesuffix("_age_s") + "_at" in values:
+                continue  # shown with its time
+            if key.endswith("_at"):
+                age = values.get(key.removesuffix("_at") + "_age_s")
+                value = f"{value} ({age:.0f} s ago)" if value and age is not None else "-"
             click.echo(f"  {key:<24} {value}")
+
+
+def _moment(epoch: float | None, now: float) -> tuple[str | None, float | None]:
+    """An epoch time as ISO-8601 UTC text (to the second) and its age in seconds."""
+    if epoch is None:
+        return None, None
+    stamp = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+    return stamp.replace("+00:00", "Z"), round(max(0.0, now - epoch), 1)
 
 
 def spool_report(spool_dir: Path) -> dict[str, Any]:
@@ -92,24 +110,34 @@ def spool_report(spool_dir: Path) -> dict[str, Any]:
         opened += sum(1 for r in result.records if r.kind == KIND_OPEN)
         pending_bytes += max(0, path.stat().st_size - cursor)
     letters = read_dead_letters(spool_dir) if spool_dir.is_dir() else []
+    oldest_at, oldest_age = _moment(oldest, time.time())
     return {
         "directory": str(spool_dir),
         "segments": len(segments),
         "unshipped_spans": spans,
         "unshipped_bytes": pending_bytes,
-        "oldest_unshipped_age_s": round(time.time() - oldest, 1) if oldest else 0,
+        "oldest_unshipped_at": oldest_at,
+        "oldest_unshipped_age_s": oldest_age or 0,
         "dead_letter_files": len(letters),
         "dead_letter_records": sum(len(letter.records) for letter in letters),
     }
 
 
 def _last_ship(spool_dir: Path) -> dict[str, Any] | None:
+    """The shipper's status file, its epoch times (``*_at``) as ISO-8601 UTC text, each with
+    its age in seconds (``*_age_s``)."""
     try:
         data: dict[str, Any] = json.loads((spool_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    data["updated"] = f"{time.time() - data.pop('updated_at', time.time()):.0f}s ago"
-    return data
+    now = time.time()
+    shown: dict[str, Any] = {}
+    for key, value in data.items():
+        if key.endswith("_at") and (value is None or isinstance(value, (int, float))):
+            shown[key], shown[key.removesuffix("_at") + "_age_s"] = _moment(value, now)
+        else:
+            shown[key] = value
+    return shown
 
 
 @main.command()
@@ -160,9 +188,9 @@ def dead_letter_list(spool_dir: str | None) -> None:
     """List dead-letter files with their reasons."""
     letters = read_dead_letters(_config(spool_dir).spool_dir)
     for letter in letters:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(letter.time))
-        click.echo(f"{letter.path.name}  {stamp}  {len(letter.records)} record(s)  "
-                   f"{letter.reason}")
+        stamp, age = _moment(letter.time, time.time())
+        click.echo(f"{letter.path.name}  {stamp} ({age or 0:.0f} s ago)  "
+                   f"{len(letter.records)} record(s)  {letter.reason}")
     click.echo(f"{len(letters)} dead-letter file(s)")
 
 

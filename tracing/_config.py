@@ -1,49 +1,57 @@
-"""Configuration: one frozen object, read once from the environment, validated up front.
+"""Configuration: one frozen object, read once, validated up front, from four sources.
 
-Langfuse's own variables keep the meaning the Langfuse SDK gives them
-(``LANGFUSE_PUBLIC_KEY``, ``LANGFUSE_SECRET_KEY``, ``LANGFUSE_BASE_URL`` / ``LANGFUSE_HOST``,
-``LANGFUSE_TRACING_ENVIRONMENT``, ``LANGFUSE_RELEASE``, ``LANGFUSE_SAMPLE_RATE``,
-``LANGFUSE_TIMEOUT``). Ours start with ``CELERY_LANGFUSE_``. Keyword options given to
-``instrument(app, **options)`` win over the environment; their names are the lower-case
-variable names without the prefix (``spool_dir=...``, ``shutdown_timeout=...``).
+Each setting (``SETTINGS`` below: the one definition that both the parser and the table in
+docs/configuration.md are made from) is looked up in this order; the first source that sets
+it wins:
 
-A bad value raises :class:`ConfigError` naming the variable, the value and what is expected,
-so a typo stops the worker at start-up instead of silently dropping traces.
+1. the ``instrument(app, name=...)`` keyword;
+2. the Celery app's configuration, key ``langfuse_<name>`` (``app.conf.langfuse_<name>``; with
+   ``config_from_object(..., namespace="CELERY")``, as Django projects load their settings,
+   Celery maps ``CELERY_LANGFUSE_<NAME>`` to it);
+3. the environment: ``CELERY_LANGFUSE_<NAME>`` for ours; Langfuse's own variables
+   (``LANGFUSE_PUBLIC_KEY``, ``LANGFUSE_BASE_URL`` / ``LANGFUSE_HOST``, ...) keep the meaning
+   the Langfuse SDK gives them;
+4. the default.
+
+``None`` and blank text mean "not set here" in every source. A bad value raises
+:class:`ConfigError` naming its source (keyword, app configuration key or environment
+variable), the value and what is expected; a ``langfuse_*`` key in the app's configuration
+that is no setting is an error naming the nearest one, so a typo stops the worker at start-up
+instead of silently changing what is traced.
+
+``python -m tracing._config docs/configuration.md`` rewrites the table between the markers.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tracing import _config_values as parse
+from tracing._config_values import ConfigError, Parser
 from tracing.spool import default_spool_dir
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "configuration_table", "load_config"]
 
 PREFIX = "CELERY_LANGFUSE_"
+APP_PREFIX = "langfuse_"
 
 DEFAULT_REDACT_PATTERN = (
     r"(?i)(passw(or)?d|secret|token|api[-_]?key|authori[sz]ation|credential|private[-_]?key"
     r"|cookie|^auth$|access[-_]?key|signature)"
 )
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
-               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
-
-
-class ConfigError(ValueError):
-    """A configuration value is unusable; the message names the variable, value and fix."""
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything celery-langfuse reads from the environment, validated."""
+    """Every setting in force, validated; the fields are the ``SETTINGS`` below, one for one."""
 
     enabled: bool = True
     public_key: str | None = None
@@ -70,7 +78,7 @@ class Config:
     exclude_tasks: tuple[str, ...] = ()
     join: str = "parent"  # how tasks join their producer's trace: parent / link / off
     publish_observation: bool = False  # an `enqueue <task>` child under a producer's span
-    # Objects, given only as instrument() keyword options (no environment variable):
+    # Objects, given only in Python (a keyword, or the app's configuration):
     tracer_provider: Any = None  # the OpenTelemetry TracerProvider Langfuse's spans go through
     should_export_span: Any = None  # Callable[[ReadableSpan], bool]: which spans go to Langfuse
     mask: Any = None  # Callable[..., Any]: the SDK's mask over input/output/metadata
@@ -103,197 +111,204 @@ class Config:
         return shown
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, the variables it is read from, its parser and its documentation.
+
+    ``name`` is the ``instrument()`` keyword and the ``Config`` field; the app's configuration
+    key is ``langfuse_<name>``. ``env`` lists environment variables, the first one set wins
+    (empty: objects, given only in Python). The default is the ``Config`` field's.
+    """
+
+    name: str
+    parse: Parser
+    default: str  # the default, as the documentation shows it
+    doc: str
+    env: tuple[str, ...] = ()
+
+    @property
+    def app_key(self) -> str:
+        return APP_PREFIX + self.name
+
+
+def _ours(name: str, parser: Parser, default: str, doc: str) -> Setting:
+    return Setting(name, parser, default, doc, (PREFIX + name.upper(),))
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # Langfuse's own variables, read as the Langfuse SDK reads them
+    Setting("public_key", parse.text, "(none)", "Langfuse project public key (`pk-lf-...`); "
+            "without both keys tasks run untraced", ("LANGFUSE_PUBLIC_KEY",)),
+    Setting("secret_key", parse.text, "(none)", "Langfuse project secret key (`sk-lf-...`); "
+            "shown masked", ("LANGFUSE_SECRET_KEY",)),
+    Setting("base_url", parse.http_url, "`https://cloud.langfuse.com`",
+            "the Langfuse server", ("LANGFUSE_BASE_URL", "LANGFUSE_HOST")),
+    Setting("environment", parse.text, "(none)", "the Langfuse environment of every trace",
+            ("LANGFUSE_TRACING_ENVIRONMENT",)),
+    Setting("release", parse.text, "(none)", "the release recorded on every trace",
+            ("LANGFUSE_RELEASE",)),
+    Setting("sample_rate", parse.number(0.0, 1.0), "`1.0`", "fraction of traces kept",
+            (PREFIX + "SAMPLE_RATE", "LANGFUSE_SAMPLE_RATE")),
+    Setting("http_timeout", parse.number(low=0.1), "`10`",
+            "seconds one request to Langfuse may take", ("LANGFUSE_TIMEOUT",)),
+    Setting("traces_export_path", parse.text, "`/api/public/otel/v1/traces`",
+            "where spans are posted, a path under the base URL (as the SDK reads it)",
+            ("LANGFUSE_OTEL_TRACES_EXPORT_PATH",)),
+    # ours
+    _ours("enabled", parse.flag, "`true`", "`false` turns tracing off quietly"),
+    _ours("spool_dir", parse.directory, "`~/.local/state/celery-langfuse/spool`",
+          "the spool directory (per host; `$XDG_STATE_HOME` is honoured)"),
+    _ours("spool_max_bytes", parse.size(low=64 * 1024), "`1GB`",
+          "unshipped bytes kept at most; past it the oldest are dropped and counted"),
+    _ours("handoff_url", parse.handoff_url, "`auto`",
+          "Redis URL where a stopping worker hands off what it could not ship; `auto`: the "
+          "Celery broker when it is Redis; `off`"),
+    _ours("shutdown_timeout", parse.number(low=0.0), "`5`",
+          "seconds for the last shipping attempt at worker shutdown"),
+    _ours("flush_interval", parse.number(0.01, 60.0), "`1`",
+          "seconds between span flushes to the spool during a task"),
+    _ours("auth_retry_interval", parse.number(low=0.1), "`30`",
+          "seconds between retries after Langfuse answers 401/403"),
+    _ours("capture_input", parse.flag, "`true`", "record task args/kwargs as the input"),
+    _ours("capture_output", parse.flag, "`true`", "record task results as the output"),
+    _ours("max_payload_bytes", parse.size(low=256), "`32KB`",
+          "cap on each rendered input/output"),
+    _ours("redact_keys", parse.pattern, "password, secret, token, api key, authorization, ...",
+          "regular expression over argument/key names whose values are redacted"),
+    _ours("exclude_tasks", parse.names, "(none)",
+          "task names or globs never traced (comma-separated, or a list)"),
+    _ours("join", parse.choice("parent", "link", "off"), "`parent`",
+          "how tasks join their sender's trace: `parent`, `link`, `off`"),
+    _ours("publish_observation", parse.flag, "`false`",
+          "record `enqueue <task>` under a producer's observation"),
+    # objects: Python only (a keyword, or the app's configuration in a Python settings module)
+    Setting("tracer_provider", parse.tracer_provider, "Langfuse's own",
+            "an OpenTelemetry `TracerProvider` for Langfuse's spans"),
+    Setting("should_export_span", parse.function, "the SDK's filter",
+            "a function of a span: whether it goes to Langfuse"),
+    Setting("mask", parse.function, "(none)",
+            "a function applied to task input/output and by the SDK to every span"),
+)
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
 def load_config(
-    environ: Mapping[str, str] | None = None, **options: Any
+    environ: Mapping[str, str] | None = None,
+    *,
+    app_config: Mapping[str, Any] | None = None,
+    **options: Any,
 ) -> Config:
-    """Read and validate the configuration; ``options`` override the environment."""
+    """Read and validate the configuration: ``options`` (``instrument()`` keywords), then
+    ``app_config`` (a Celery app's ``app.conf``), then ``environ`` (default ``os.environ``)."""
     env = os.environ if environ is None else environ
-    reader = _Reader(env, options)
-    base_url = reader.text("base_url", "LANGFUSE_BASE_URL") or env.get("LANGFUSE_HOST")
-    sample = reader.number("sample_rate", PREFIX + "SAMPLE_RATE", None, low=0.0, high=1.0)
-    if sample is None:
-        sample = reader.number("sample_rate", "LANGFUSE_SAMPLE_RATE", 1.0, low=0.0, high=1.0)
-    return Config(
-        enabled=reader.flag("enabled", True),
-        public_key=reader.text("public_key", "LANGFUSE_PUBLIC_KEY"),
-        secret_key=reader.text("secret_key", "LANGFUSE_SECRET_KEY"),
-        base_url=_valid_url((base_url or "https://cloud.langfuse.com").rstrip("/")),
-        environment=reader.text("environment", "LANGFUSE_TRACING_ENVIRONMENT"),
-        release=reader.text("release", "LANGFUSE_RELEASE"),
-        sample_rate=sample if sample is not None else 1.0,
-        http_timeout=_required(reader.number("http_timeout", "LANGFUSE_TIMEOUT", 10.0, low=0.1)),
-        traces_export_path=reader.text("traces_export_path", "LANGFUSE_OTEL_TRACES_EXPORT_PATH"),
-        spool_dir=reader.path("spool_dir"),
-        spool_max_bytes=reader.size("spool_max_bytes", 1024**3, low=64 * 1024),
-        handoff_url=reader.handoff_url("handoff_url"),
-        shutdown_timeout=_required(
-            reader.number("shutdown_timeout", PREFIX + "SHUTDOWN_TIMEOUT", 5.0, low=0.0)
-        ),
-        flush_interval=_required(
-            reader.number("flush_interval", PREFIX + "FLUSH_INTERVAL", 1.0, low=0.01, high=60.0)
-        ),
-        auth_retry_interval=_required(reader.number(
-            "auth_retry_interval", PREFIX + "AUTH_RETRY_INTERVAL", 30.0, low=0.1)),
-        capture_input=reader.flag("capture_input", True),
-        capture_output=reader.flag("capture_output", True),
-        max_payload_bytes=reader.size("max_payload_bytes", 32 * 1024, low=256),
-        redact_keys=reader.pattern("redact_keys"),
-        exclude_tasks=reader.names("exclude_tasks"),
-        join=reader.choice("join", ("parent", "link", "off"), "parent"),
-        publish_observation=reader.flag("publish_observation", False),
-        tracer_provider=reader.provider("tracer_provider"),
-        should_export_span=reader.callable("should_export_span"),
-        mask=reader.callable("mask"),
-    )
-
-
-def _required(value: float | None) -> float:
-    assert value is not None  # the reader returned the default
-    return value
-
-
-def _valid_url(url: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", url):
+    unknown = sorted(set(options) - set(_BY_NAME))
+    if unknown:
+        near = _closest(unknown[0])
         raise ConfigError(
-            f"LANGFUSE_BASE_URL={url!r}: expected an http(s) URL such as "
-            "https://cloud.langfuse.com or http://localhost:3000"
+            f"instrument() got unknown option {unknown[0]!r}"
+            + (f"; did you mean {near!r}?" if near else "")
+            + f"; the options are: {', '.join(_BY_NAME)}"
         )
-    return url
+    from_app = app_settings(app_config) if app_config is not None else {}
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        found = _first_set(setting, options, from_app, env)
+        if found is not None:
+            where, raw = found
+            values[setting.name] = setting.parse(raw, where)
+    return Config(**values)
 
 
-class _Reader:
-    """Reads one option from ``options`` or its environment variable, with a clear error."""
+def _is_set(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
-    def __init__(self, env: Mapping[str, str], options: Mapping[str, Any]) -> None:
-        unknown = set(options) - {f.name for f in fields(Config)}
-        if unknown:
+
+def _first_set(
+    setting: Setting, options: Mapping[str, Any], from_app: Mapping[str, tuple[str, Any]],
+    env: Mapping[str, str],
+) -> tuple[str, Any] | None:
+    """(where, raw value) from the first source that sets ``setting``, or None."""
+    if _is_set(options.get(setting.name)):
+        return f"instrument() keyword {setting.name}", options[setting.name]
+    key, value = from_app.get(setting.name, ("", None))
+    if _is_set(value):
+        return f"app configuration {key}", value
+    for variable in setting.env:
+        if _is_set(env.get(variable)):
+            return f"environment variable {variable}", env[variable]
+    return None
+
+
+def app_settings(conf: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """``{name: (key as written, value)}`` for every ``langfuse_*`` key of a Celery app's
+    configuration; a ``langfuse_*`` key that is no setting raises :class:`ConfigError`.
+
+    Celery's ``Settings`` with a namespace (``prefix`` ``CELERY_``) finds ``langfuse_x`` as
+    ``CELERY_LANGFUSE_X`` first, then as ``langfuse_x``: both forms are read, in that order.
+    """
+    keys = list(conf.keys())  # first: this loads a Celery app's pending configuration
+    prefix = getattr(conf, "prefix", None) or ""
+    prefixed = prefix + (APP_PREFIX.upper() if prefix.isupper() else APP_PREFIX)
+    found: dict[str, tuple[str, Any]] = {}
+    for key in keys:
+        if not isinstance(key, str):
+            continue
+        if prefix and key.startswith(prefixed):
+            name, spelled = key[len(prefixed):].lower(), prefixed
+        elif key.startswith(APP_PREFIX):
+            name, spelled = key[len(APP_PREFIX):], APP_PREFIX
+            if name in found:  # the namespaced key wins, as in Celery's own lookup
+                continue
+        else:
+            continue
+        if name not in _BY_NAME:
+            near = _closest(name)
+            spelling = f"{spelled}{near.upper() if spelled.isupper() else near}" if near else ""
             raise ConfigError(
-                f"instrument() got unknown option(s) {sorted(unknown)}; "
-                f"known options: {sorted(f.name for f in fields(Config))}"
+                f"app configuration {key}: not a celery-langfuse setting"
+                + (f"; did you mean {spelling}?" if near else "")
+                + " (every setting: docs/configuration.md)"
             )
-        self._env = env
-        self._options = options
+        found[name] = (key, conf[key])
+    return found
 
-    def _raw(self, name: str, variable: str) -> tuple[str, Any]:
-        if name in self._options:
-            return f"instrument({name}=...)", self._options[name]
-        return variable, self._env.get(variable)
 
-    def text(self, name: str, variable: str) -> str | None:
-        _, value = self._raw(name, variable)
-        return str(value).strip() or None if value is not None else None
+def _closest(name: str) -> str | None:
+    """The setting name nearest to a misspelt one (difflib), or None."""
+    close = difflib.get_close_matches(name.lower(), list(_BY_NAME), n=1, cutoff=0.6)
+    return close[0] if close else None
 
-    def flag(self, name: str, default: bool) -> bool:
-        where, value = self._raw(name, PREFIX + name.upper())
-        if value is None or isinstance(value, bool):
-            return default if value is None else value
-        lowered = str(value).strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ConfigError(f"{where}={value!r}: expected true or false (also 1/0, yes/no, on/off)")
 
-    def number(
-        self, name: str, variable: str, default: float | None,
-        low: float | None = None, high: float | None = None,
-    ) -> float | None:
-        where, value = self._raw(name, variable)
-        if value is None or value == "":
-            return default
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}={value!r}: expected a number, e.g. {default}") from None
-        if (low is not None and number < low) or (high is not None and number > high):
-            bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-            raise ConfigError(f"{where}={value!r}: expected a number {bounds}")
-        return number
+TABLE_BEGIN = ("<!-- settings table: made from tracing/_config.py by "
+               "`python -m tracing._config docs/configuration.md`; do not edit by hand -->")
+TABLE_END = "<!-- end of settings table -->"
 
-    def size(self, name: str, default: int, low: int) -> int:
-        where, value = self._raw(name, PREFIX + name.upper())
-        if value is None or value == "":
-            return default
-        match = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(value))
-        unit = match.group(2).upper() if match else ""
-        if not match or unit not in _SIZE_UNITS:
-            raise ConfigError(
-                f"{where}={value!r}: expected a size in bytes, optionally with a unit "
-                "(e.g. 1048576, 512KB, 100MB, 1GB)"
-            )
-        size = int(match.group(1)) * _SIZE_UNITS[unit]
-        if size < low:
-            raise ConfigError(f"{where}={value!r}: expected at least {low} bytes")
-        return size
 
-    def path(self, name: str) -> Path:
-        where, value = self._raw(name, PREFIX + name.upper())
-        if value is None or str(value).strip() == "":
-            return default_spool_dir()
-        path = Path(str(value)).expanduser()
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"{where}={value!r}: expected a directory, but it is a file")
-        return path
+def configuration_table() -> str:
+    """The documentation table of ``SETTINGS`` (Markdown), as docs/configuration.md holds it."""
+    rows = [
+        "| `instrument()` keyword | app configuration / Django settings | environment "
+        "| default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        env = " or ".join(f"`{v}`" for v in s.env) or "(Python only)"
+        app = f"`{s.app_key}` / `CELERY_{s.app_key.upper()}`"
+        rows.append(f"| `{s.name}` | {app} | {env} | {s.default} | {s.doc} |")
+    return "\n".join(rows) + "\n"
 
-    def handoff_url(self, name: str) -> str | None:
-        where, value = self._raw(name, PREFIX + name.upper())
-        text = "auto" if value is None or str(value).strip() == "" else str(value).strip()
-        if text.lower() in ("auto", "off"):
-            return None if text.lower() == "off" else "auto"
-        if not re.match(r"^(rediss?://[^\s]*|unix:///[^\s]+)$", text):
-            raise ConfigError(
-                f"{where}={value!r}: expected a Redis URL (redis://host:6379/0, rediss://..., "
-                "unix:///path/redis.sock), 'auto' (the Celery broker when it is Redis) or 'off'"
-            )
-        return text
 
-    def pattern(self, name: str) -> re.Pattern[str]:
-        where, value = self._raw(name, PREFIX + name.upper())
-        if value is None or str(value).strip() == "":
-            return re.compile(DEFAULT_REDACT_PATTERN)
-        if isinstance(value, re.Pattern):
-            return value
-        try:
-            return re.compile(str(value))
-        except re.error as exc:
-            raise ConfigError(
-                f"{where}={value!r}: expected a regular expression matched against "
-                f"argument names ({exc})"
-            ) from None
+def with_table(document: str) -> str:
+    """``document`` with the text between the table markers replaced by the current table."""
+    begin, end = document.find(TABLE_BEGIN), document.find(TABLE_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"no table markers ({TABLE_BEGIN!r} ... {TABLE_END!r})")
+    head = document[: begin + len(TABLE_BEGIN)]
+    return f"{head}\n{configuration_table()}{document[end:]}"
 
-    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
-        where, value = self._raw(name, PREFIX + name.upper())
-        if value is None or str(value).strip() == "":
-            return default
-        if str(value).strip().lower() not in choices:
-            raise ConfigError(f"{where}={value!r}: expected one of {', '.join(choices)}")
-        return str(value).strip().lower()
 
-    def provider(self, name: str) -> Any:
-        value = self._options.get(name)
-        if value is not None and not callable(getattr(value, "get_tracer", None)):
-            raise ConfigError(
-                f"instrument({name}={value!r}): expected an OpenTelemetry TracerProvider "
-                "(opentelemetry.sdk.trace.TracerProvider)"
-            )
-        return value
-
-    def callable(self, name: str) -> Any:
-        value = self._options.get(name)
-        if value is not None and not callable(value):
-            raise ConfigError(f"instrument({name}={value!r}): expected a function")
-        return value
-
-    def names(self, name: str) -> tuple[str, ...]:
-        where, value = self._raw(name, PREFIX + name.upper())
-        if value is None:
-            return ()
-        items = value.split(",") if isinstance(value, str) else list(value)
-        names = tuple(str(item).strip() for item in items if str(item).strip())
-        bad = [n for n in names if re.search(r"\s", n)]
-        if bad:
-            raise ConfigError(
-                f"{where}={value!r}: expected comma-separated task names or glob patterns "
-                f"(e.g. 'celery.*,tasks.ping'); {bad[0]!r} contains white space"
-            )
-        return names
+if __name__ == "__main__":  # pragma: no cover
+    for name in sys.argv[1:] or ["docs/configuration.md"]:
+        target = Path(name)
+        target.write_text(with_table(target.read_text()))
+        print(f"wrote the settings table into {target}")

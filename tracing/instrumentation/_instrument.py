@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from tracing._config import Config, load_config
+from tracing._config import Config, ConfigError, load_config
 from tracing.instrumentation import _runtime
 from tracing.instrumentation._beat import connect_beat_handler
 from tracing.instrumentation._propagation import (
@@ -42,21 +42,33 @@ from tracing.spool import SpoolError
 logger = logging.getLogger("celery_langfuse")
 
 _apps: dict[int, Celery] = {}
+_options: dict[int, dict[str, Any]] = {}  # each app's instrument() keywords
 _config: Config | None = None
 
 
 def instrument(app: Celery, **options: Any) -> Config:
     """Trace every task of ``app`` into Langfuse, losing nothing when a worker exits.
 
-    ``options`` override the environment (see ``Config``); a bad value raises
-    ``ConfigError``. Idempotent. Returns the configuration in force.
+    Settings come from ``options``, then the app's configuration (``langfuse_<name>``; Django:
+    ``CELERY_LANGFUSE_<NAME>``), then the environment (see ``tracing._config``); a bad value
+    raises ``ConfigError``. Reading ``app.conf`` finalises Celery's configuration as any read
+    does; if the app loads its configuration again later (``config_from_object`` after this
+    call), the settings are read again. Idempotent. Returns the configuration in force.
     """
-    global _config
     from tracing.instrumentation import _remote  # noqa: F401  (registers the remote control commands)
 
-    config = load_config(**options)
-    _config = config
+    config = load_config(app_config=app.conf, **options)
     _apps[id(app)] = app
+    _options[id(app)] = options
+    app.on_after_configure.connect(_reader_for(app), weak=False,
+                                   dispatch_uid="celery_langfuse.reconfigured")
+    return _apply(config)
+
+
+def _apply(config: Config) -> Config:
+    """Make ``config`` the one in force: connect or disconnect the handlers it asks for."""
+    global _config
+    _config = config
     connect_publish_handler()
     record_publishes(config.publish_observation, config.public_key)
     connect_beat_handler()
@@ -74,9 +86,29 @@ def instrument(app: Celery, **options: Any) -> Config:
     return config
 
 
+def _reader_for(app: Celery) -> Callable[..., None]:
+    """A receiver of ``app.on_after_configure`` (the app's configuration loaded again) that
+    reads the settings again; Celery swallows a receiver's exception, so a bad value there is
+    logged and turns tracing off rather than tracing with settings the user did not ask for."""
+
+    def reread(sender: Any = None, source: Any = None, **_: Any) -> None:
+        if sender is not app or id(app) not in _apps:
+            return
+        try:
+            config = load_config(app_config=source if source is not None else app.conf,
+                                 **_options.get(id(app), {}))
+        except ConfigError as exc:
+            logger.error("celery-langfuse: %s. Tracing is off until this is fixed.", exc)
+            config = Config(enabled=False)
+        _apply(config)
+
+    return reread
+
+
 def uninstrument(app: Celery) -> None:
     """Undo :func:`instrument` for ``app``; with no app left, disconnect every handler."""
     _apps.pop(id(app), None)
+    _options.pop(id(app), None)
     if not _apps:
         _disconnect_worker_handlers()
         disconnect_publish_handler()
