@@ -6,9 +6,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install worker enqueue demo test lint bench bench-quick clean
 
+# Which interpreter a virtualenv runs: its base installation and version. A .venv made by
+# another interpreter than PYTHON (say PYTHON=python3.13 after a default build) is made anew.
+WHICH_PYTHON := import sys; print(sys.base_prefix, *sys.version_info[:3])
+WANTED := $(shell $(PYTHON) -c '$(WHICH_PYTHON)' 2>/dev/null)
+PRESENT := $(shell [ -x $(PY) ] && $(PY) -c '$(WHICH_PYTHON)' 2>/dev/null)
+ifneq ($(WANTED),$(PRESENT))
+.PHONY: $(STAMP)
+endif
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@[ -n "$(WANTED)" ] || { echo "PYTHON=$(PYTHON) does not run: set PYTHON to a Python 3.11+ interpreter" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(v < (3, 11) and f"PYTHON=$(PYTHON) is Python {v[0]}.{v[1]}: celery-langfuse needs 3.11+ (the floor of langfuse 5.x)")'
+ifneq ($(WANTED),$(PRESENT))
+	@[ -z "$(PRESENT)" ] || echo "$(VENV) runs $(PRESENT), PYTHON=$(PYTHON) is $(WANTED): making it anew"
+	rm -rf $(VENV)
+endif
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,dev,demo]'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 import pytest
 from celery import Celery, shared_task
@@ -118,13 +119,13 @@ def test_queue_wait_is_never_negative_and_counts_from_the_eta():
     """A producer clock ahead of ours gives 0, not a negative wait; an ETA in the past is
     where the wait starts."""
     import time
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from tracing.instrumentation._task_tracing import queue_wait_ms
 
     assert queue_wait_ms(time.time() + 60, None) == 0.0
     assert queue_wait_ms(None, None) is None
-    eta = datetime.fromtimestamp(time.time() - 1, timezone.utc).isoformat()
+    eta = datetime.fromtimestamp(time.time() - 1, UTC).isoformat()
     assert 900 <= (queue_wait_ms(time.time() - 10, eta) or 0) < 5000
 
 

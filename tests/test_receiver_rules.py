@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,7 @@ def test_times_are_kept_to_the_millisecond(receiver: LangfuseReceiver) -> None:
     send(receiver, {"name": "a", "span_id": span_id(1), "start": start, "end": start + 2_999_999},
          {"name": "open", "span_id": span_id(2), "start": start, "end": 0})
     a, open_span = receiver.observations
-    assert a.start_time == datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=timezone.utc)
+    assert a.start_time == datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
     assert a.end_time is not None and a.end_time.microsecond == 126000
     assert a.duration_ms == 3.0
     assert open_span.end_time == open_span.start_time

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ def test_unknown_task_is_recorded_by_the_main_process(app, module_receiver):
 
 def test_expired_task_is_revoked(app, module_receiver):
     """A task that expired before it ran is a REVOKED WARNING."""
-    expired = datetime.now(timezone.utc) - timedelta(minutes=1)
+    expired = datetime.now(UTC) - timedelta(minutes=1)
     result = app.send_task("t.add", args=[1, 1], expires=expired)
     [obs] = task_observations(module_receiver, result.id)
     assert obs.level == "WARNING" and "expired" in (obs.status_message or "")
@@ -508,7 +508,7 @@ def test_queue_wait_is_recorded_and_the_observation_starts_with_the_body(app, mo
     """A message that waited behind busy workers records how long (queue_wait_ms), and its
     observation starts when the body starts, not when the message was sent."""
     busy = [app.send_task("t.sleep", args=[0.6]) for _ in range(2)]
-    sent = datetime.now(timezone.utc)
+    sent = datetime.now(UTC)
     waiting = app.send_task("t.add", args=[1, 1])
     waiting.get(timeout=30)
     for result in busy:

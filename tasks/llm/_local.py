@@ -17,7 +17,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ._errors import RetryableLLMError
@@ -80,7 +80,7 @@ class LocalProvider:
         """Answer `messages` deterministically (temperature is ignored: output never varies)."""
         if self._latency_s:
             time.sleep(self._latency_s)
-        first_token = datetime.now(timezone.utc)
+        first_token = datetime.now(UTC)
         text = truncate_tokens(respond(messages), max_tokens)
         return ProviderReply(
             text=text,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -157,7 +157,7 @@ def _collect_stream(
         for choice in event.get("choices") or ():
             delta = (choice.get("delta") or {}).get("content")
             if delta:
-                first_token = first_token or datetime.now(timezone.utc)
+                first_token = first_token or datetime.now(UTC)
                 parts.append(delta)
     text = "".join(parts)
     # Servers that ignore stream_options send no usage: estimate it rather than report zero.

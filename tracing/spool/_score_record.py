@@ -20,7 +20,7 @@ import json
 import math
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 __all__ = ["DATA_TYPES", "EVENT_TYPE", "encode_event", "event_id_of", "score_event", "score_id_for"]
@@ -36,10 +36,10 @@ def score_id_for(trace_id: str, observation_id: str | None, name: str) -> str:
 
 
 def _timestamp(when: datetime | None) -> str:
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)  # naive values are UTC, as the SDK reads them
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        when = when.replace(tzinfo=UTC)  # naive values are UTC, as the SDK reads them
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _typed_value(value: Any, data_type: str | None) -> tuple[float | str, str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
@@ -237,7 +237,7 @@ def _millis(nanos: int) -> datetime | None:
     """convertNanoTimestampToISO: nanoseconds floored to whole milliseconds; 0 is absent."""
     if not nanos:
         return None
-    return datetime.fromtimestamp((nanos // 1_000_000) / 1000, tz=timezone.utc)
+    return datetime.fromtimestamp((nanos // 1_000_000) / 1000, tz=UTC)
 
 
 def _completion_start(value: Any) -> datetime | None:
@@ -248,7 +248,7 @@ def _completion_start(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(decoded.replace("Z", "+00:00"))
     except ValueError:
         return None
-    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
 
 
@@ -278,7 +278,7 @@ def _decode_span(span: Any, scope: Any, resource: dict[str, Any], at: float) -> 
     if status_message is None and span.status.message:
         status_message = span.status.message
     start, end = _millis(span.start_time_unix_nano), _millis(span.end_time_unix_nano)
-    start = start or end or datetime.now(timezone.utc).replace(microsecond=0)
+    start = start or end or datetime.now(UTC).replace(microsecond=0)
     trace_metadata = metadata(attrs, A_TRACE_METADATA)
     is_app_root = attrs.get(A_IS_APP_ROOT) in (True, "true")
     model_parameters = maybe_json(attrs.get(A_MODEL_PARAMETERS))
