@@ -162,15 +162,19 @@ def test_documentation_table_matches_the_code():
 
 def test_celery_subcommand_reads_the_apps_settings(tmp_path: Path):
     """`celery -A app langfuse status` shows the settings from the app's Django-style
-    configuration, as the worker reads them."""
+    configuration, as the worker reads them, and which source set each one."""
     env = {**os.environ, "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path / "spool"),
            "CELERY_LANGFUSE_CAPTURE_INPUT": "true"}
     out = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.apps.django_style_app", "langfuse",
          "status", "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    shown = json.loads(out.stdout)["configuration"]
+    report = json.loads(out.stdout)
+    shown = report["configuration"]
     assert shown["capture_input"] == "False" and shown["exclude_tasks"] == "dj.excluded"
+    assert report["set by"]["capture_input"] == "app configuration CELERY_LANGFUSE_CAPTURE_INPUT"
+    assert report["set by"]["spool_dir"] == "environment variable CELERY_LANGFUSE_SPOOL_DIR"
+    assert "join" not in report["set by"]  # a default
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from typing import Any
 import click
 import httpx
 
-from tracing._config import Config, ConfigError, load_config
+from tracing._config import Config, ConfigError, load_config, setting_sources
 from tracing.shipping._shipper import STATUS_FILE, Shipper
 from tracing.spool import (
     KIND_OPEN,
@@ -44,13 +44,19 @@ from tracing.spool._exporter import SpoolExporter
 
 def _config(spool_dir: str | None) -> Config:
     """The worker's configuration; under ``celery -A app langfuse`` with the app's settings."""
-    context = click.get_current_context(silent=True)
-    app = getattr(context.obj, "app", None) if context is not None else None  # Celery's CLIContext
-    options: dict[str, Any] = {"spool_dir": spool_dir} if spool_dir else {}
     try:
-        return load_config(app_config=app.conf if app is not None else None, **options)
+        return load_config(**_sources(spool_dir))
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _sources(spool_dir: str | None) -> dict[str, Any]:
+    """``load_config`` arguments: ``--spool-dir`` as a keyword, and the app's configuration
+    when run as ``celery -A app langfuse ...`` (Celery's ``CLIContext`` holds the app)."""
+    context = click.get_current_context(silent=True)
+    app = getattr(context.obj, "app", None) if context is not None else None
+    return {"app_config": app.conf if app is not None else None,
+            **({"spool_dir": spool_dir} if spool_dir else {})}
 
 
 spool_option = click.option(
@@ -71,6 +77,8 @@ def status(spool_dir: str | None, as_json: bool) -> None:
     config = _config(spool_dir)
     sections: dict[str, dict[str, Any]] = {
         "configuration": config.masked(),
+        "set by": {name: where for name, where in setting_sources(**_sources(spool_dir)).items()
+                   if where != "default"},  # the rest are defaults
         "spool": spool_report(config.spool_dir),
         "last shipping": _last_ship(config.spool_dir) or {"state": "never shipped from here"},
     }

@@ -38,7 +38,10 @@ from tracing import _config_values as parse
 from tracing._config_values import ConfigError, Parser
 from tracing.spool import default_spool_dir
 
-__all__ = ["SETTINGS", "Config", "ConfigError", "Setting", "configuration_table", "load_config"]
+__all__ = [
+    "SETTINGS", "Config", "ConfigError", "Setting", "configuration_table", "load_config",
+    "setting_sources",
+]
 
 PREFIX = "CELERY_LANGFUSE_"
 APP_PREFIX = "langfuse_"
@@ -200,6 +203,28 @@ def load_config(
 ) -> Config:
     """Read and validate the configuration: ``options`` (``instrument()`` keywords), then
     ``app_config`` (a Celery app's ``app.conf``), then ``environ`` (default ``os.environ``)."""
+    found = _found(environ, app_config, options)
+    return Config(**{name: _BY_NAME[name].parse(raw, where)
+                     for name, (where, raw) in found.items()})
+
+
+def setting_sources(
+    environ: Mapping[str, str] | None = None,
+    *,
+    app_config: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, str]:
+    """Where each setting comes from, as ``load_config`` reads it (``"default"`` when unset):
+    what ``status`` shows, so "why is input captured?" has an answer."""
+    found = _found(environ, app_config, options)
+    return {s.name: found[s.name][0] if s.name in found else "default" for s in SETTINGS}
+
+
+def _found(
+    environ: Mapping[str, str] | None, app_config: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+) -> dict[str, tuple[str, Any]]:
+    """``{name: (where, raw value)}`` for every setting some source sets."""
     env = os.environ if environ is None else environ
     unknown = sorted(set(options) - set(_BY_NAME))
     if unknown:
@@ -210,13 +235,12 @@ def load_config(
             + f"; the options are: {', '.join(_BY_NAME)}"
         )
     from_app = app_settings(app_config) if app_config is not None else {}
-    values: dict[str, Any] = {}
+    found: dict[str, tuple[str, Any]] = {}
     for setting in SETTINGS:
-        found = _first_set(setting, options, from_app, env)
-        if found is not None:
-            where, raw = found
-            values[setting.name] = setting.parse(raw, where)
-    return Config(**values)
+        first = _first_set(setting, options, from_app, env)
+        if first is not None:
+            found[setting.name] = first
+    return found
 
 
 def _is_set(value: Any) -> bool:
