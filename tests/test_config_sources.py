@@ -177,6 +177,31 @@ def test_celery_subcommand_reads_the_apps_settings(tmp_path: Path):
     assert "join" not in report["set by"]  # a default
 
 
+def test_real_django_project_settings(tmp_path: Path):
+    """A real Django project (django.conf:settings, namespace="CELERY"): its
+    CELERY_LANGFUSE_* settings beat the environment, and a misspelt one stops instrument()
+    naming the nearest setting. In a fresh interpreter: Django's settings are process-wide."""
+    pytest.importorskip("django")
+    probe = ("import json; from tests.apps.django_project.celery import config as c; "
+             "print(json.dumps([c.capture_input, c.spool_max_bytes, list(c.exclude_tasks)]))")
+    env = {**os.environ, "CELERY_LANGFUSE_CAPTURE_INPUT": "true",
+           "DJANGO_SETTINGS_MODULE": "tests.apps.django_project.settings"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [False, 100 * 1024**2, ["celery.*"]]
+    typo = tmp_path / "typo_settings.py"
+    typo.write_text((ROOT / "tests/apps/django_project/settings.py").read_text()
+                    + "CELERY_LANGFUSE_CAPTURE_INPT = True\n")
+    env = {**env, "DJANGO_SETTINGS_MODULE": "typo_settings",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=60)
+    assert out.returncode != 0
+    assert ("app configuration CELERY_LANGFUSE_CAPTURE_INPT: not a celery-langfuse setting; "
+            "did you mean CELERY_LANGFUSE_CAPTURE_INPUT?") in out.stderr
+
+
 @pytest.mark.slow
 def test_django_style_setting_honoured_by_a_real_worker(start_worker, worker_env, receiver):
     """A real worker of an app configured from a settings module with namespace="CELERY":
