@@ -64,7 +64,7 @@ def other_interpreter() -> str | None:
         out = subprocess.run([str(candidate), "-c", "import sys; print(sys.base_prefix); "
                               "print(sys.version_info >= (3, 11))"],
                              capture_output=True, text=True, timeout=30)
-        prefix, new_enough = (out.stdout.split() + ["", ""])[:2]
+        prefix, new_enough = [*out.stdout.split(), "", ""][:2]
         if out.returncode == 0 and new_enough == "True" and Path(prefix).resolve() != here:
             return str(candidate)
     return None
