@@ -125,7 +125,8 @@ def test_oversized_request_is_split(receiver, spool, make_spans):
 
 @pytest.mark.parametrize("cut", [1, 5, 11, 12, 200])
 def test_truncated_segment_ships_its_whole_records(receiver, spool, make_spans, cut, caplog):
-    """A segment cut mid-record (writer killed) ships every whole record and skips the tail."""
+    """A segment cut mid-record (writer killed) ships every whole record, skips the tail and
+    counts the span record it held as unreadable."""
     make_spans(20)
     [segment] = as_dead_writer(spool)
     records = scan_file(segment).records
@@ -136,7 +137,8 @@ def test_truncated_segment_ships_its_whole_records(receiver, spool, make_spans, 
         stats = shipper_for(receiver, spool).drain(10)
     assert sorted(o.id for o in receiver.observations) == sorted(
         r.payload[:8].hex() for r in whole)
-    assert stats.torn_tails == 1 and "did not finish" in caplog.text
+    assert stats.torn_tails == 1 and "never finished" in caplog.text
+    assert stats.unreadable_spans == stats.lost_spans == 1  # the cut record was a span
     assert list_segments(spool) == []  # done and its writer is dead: removed
 
 
@@ -153,6 +155,7 @@ def test_bit_flip_in_a_middle_record(receiver, spool, make_spans, caplog):
     delivered = sorted(o.id for o in receiver.observations)
     assert delivered == sorted(i for i in ids if i != victim.payload[:8].hex())
     assert stats.corrupt_records == 1 and "corrupt bytes" in caplog.text
+    assert stats.unreadable_spans == 1  # the span record in those bytes is counted
     assert any("corrupt" in letter.reason for letter in read_dead_letters(spool))
 
 
@@ -343,7 +346,8 @@ def test_spans_dropped_before_the_spool_are_counted_by_cause(receiver, spool, ma
         shipper.drain(10)
     assert shipper.stats.dropped_in_writers == {"sdk_queue_full": 14}
     assert (read_status(spool) or {}).get("dropped_in_writers") == {"sdk_queue_full": 14}
-    assert len([r for r in caplog.records if "sdk_queue_full" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "(sdk_queue_full)" in r.getMessage()]) == 1
+    assert "14 span(s) of spool" in caplog.text  # the running total of spans lost
     assert len({o.id for o in receiver.observations}) == 2
 
 

@@ -647,23 +647,55 @@ def test_fork_without_python_hooks_is_detected_by_pid(tmp_path: Path) -> None:
     w.close()
 
 
-def test_partial_write_failure_moves_to_a_new_segment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A write that fails after writing part of a frame raises, and the next append rotates."""
-    w = SegmentWriter(tmp_path)
-    w.append(encode_frame(KIND_SPAN, b"before"))
-    first = w.current_path
-    real_write = os.write
+def _short_then_enospc(real_write):  # type: ignore[no-untyped-def]
     calls = {"n": 0}
 
     def flaky(fd: int, data: bytes) -> int:
         calls["n"] += 1
         if calls["n"] == 1:
-            return real_write(fd, bytes(data)[:5])  # short write
+            return int(real_write(fd, bytes(data)[:5]))  # short write
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", flaky)
+    return flaky
+
+
+def test_partial_write_failure_is_truncated_back_to_the_last_whole_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write a full disk cuts short raises, leaves no torn bytes, and the segment goes on."""
+    w = SegmentWriter(tmp_path)
+    w.append(encode_frame(KIND_SPAN, b"before"))
+    first = w.current_path
+    assert first is not None
+    size = first.stat().st_size
+    real_write = os.write
+    monkeypatch.setattr(os, "write", _short_then_enospc(real_write))
+    with pytest.raises(OSError):
+        w.append(encode_frame(KIND_SPAN, b"torn" * 10))
+    monkeypatch.setattr(os, "write", real_write)
+    assert first.stat().st_size == size
+    w.append(encode_frame(KIND_SPAN, b"after"))
+    assert w.current_path == first
+    r = scan_file(first)
+    assert [x.payload for x in r.records] == [b"before", b"after"]
+    assert not r.corrupt and not r.torn_tail
+    w.close()
+
+
+def test_partial_write_failure_moves_to_a_new_segment_when_it_cannot_truncate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the cut-short write cannot be truncated away, the next append rotates."""
+    w = SegmentWriter(tmp_path)
+    w.append(encode_frame(KIND_SPAN, b"before"))
+    first = w.current_path
+    real_write = os.write
+
+    def no_truncate(fd: int, length: int) -> None:
+        raise OSError(errno.EPERM, "not permitted")
+
+    monkeypatch.setattr(os, "write", _short_then_enospc(real_write))
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
     with pytest.raises(OSError):
         w.append(encode_frame(KIND_SPAN, b"torn" * 10))
     monkeypatch.setattr(os, "write", real_write)

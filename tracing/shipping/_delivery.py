@@ -18,6 +18,14 @@ timeout / reset after the     UNKNOWN      as BACK_OFF: the only case where a re
 request left                               reach Langfuse twice (its outcome is unknown)
 ============================  ===========  ==============================================
 
+**A slow Langfuse** (answers later than ``LANGFUSE_TIMEOUT``) stores what it was sent even
+though the shipper stopped waiting, so every resend is a copy. After an UNKNOWN verdict a
+*slow episode* begins (``still_slow``): the batch whose outcome is unknown is resent alone,
+before anything new (the shipper pins it), and every request waits ``SLOW_FACTOR`` times
+longer (``request_timeout``), so the resend is answered and each span gets at most one extra
+copy per episode. The episode ends with the first answer that comes within the configured
+timeout again.
+
 Scores go to ``/api/public/ingestion``, whose 2xx is a 207 with a result per event
 (``event_results``); each event is judged on its own status (``event_verdict``): 2xx done,
 401/403 PAUSE, 408/429/5xx BACK_OFF, any other 4xx REJECT (that event alone is set aside).
@@ -131,6 +139,30 @@ def after_failure(
 def after_pause(state: Backoff, now: float, interval: float) -> Backoff:
     """The backoff after a PAUSE verdict (bad keys): retry once per ``interval``."""
     return Backoff(state.failures, now + interval)
+
+
+SLOW_FACTOR = 4.0
+SLOW_TIMEOUT_MAX = 120.0
+MIN_TIMEOUT = 0.2
+
+
+def request_timeout(base: float, slow: bool, left: float | None = None) -> float:
+    """Seconds to wait for the next answer: ``base`` (``LANGFUSE_TIMEOUT``), or during a slow
+    episode ``SLOW_FACTOR`` times that (at most ``SLOW_TIMEOUT_MAX``, never below ``base``);
+    never past a stop deadline ``left`` seconds away, never below 0.2 s."""
+    timeout = max(base, min(base * SLOW_FACTOR, SLOW_TIMEOUT_MAX)) if slow else base
+    if left is not None:
+        timeout = min(timeout, left)
+    return max(MIN_TIMEOUT, timeout)
+
+
+def still_slow(slow: bool, rule: Verdict, elapsed: float, base: float) -> bool:
+    """Whether a slow episode goes on after an answer that took ``elapsed`` seconds: an
+    unknown outcome (a timeout) starts or continues it; an answer within ``base`` ends it;
+    a later answer (within the longer wait) keeps it."""
+    if rule is Verdict.UNKNOWN:
+        return True
+    return slow and elapsed >= base
 
 
 def split(count: int) -> int:

@@ -4,21 +4,26 @@ Built on ``_spool``'s framing (``scan_file``), names (``list_segments``), cursor
 letters; the one question about a writer it asks is ``alive(segment)`` (``_spool.writer_alive``
 unless the caller passes another), so liveness is one seam.
 
-* **Cursors**: each segment's committed offset, read once and then kept in memory; ``commit``
-  moves them forward only (atomic file replace).
+* **Cursors**: each segment's committed offset, read (and its fixed-size file reserved) when
+  the segment is first seen, then kept in memory; ``commit`` moves them forward only, in
+  memory first and then on disk in place (``write_cursor``), so a failed write (full disk)
+  never makes a delivered record look undelivered to this shipper.
+* **Space**: ``free_space`` punches the shipped prefix of each segment out of the disk
+  (``tracing.spool._space``) as soon as its cursor is written.
 * **Windows**: a segment is read about one batch's worth of bytes at a time, never whole, and
   what a window holds beyond the batch is kept for the next one, so each record is scanned
   once (re-scanning windows per batch cost half the shipper's time); a window holding no
   whole record (one huge record) is widened.
-* **Corrupt bytes** (bad checksum) go to ``dead-letter/`` and are counted; a **torn tail**
-  (the last record, unfinished) is cut and counted only when its writer is dead and the
-  window reached the end of the file.
+* **Corrupt bytes** (bad checksum) go to ``dead-letter/`` and are counted, with the span
+  records they held (``unreadable_spans``); a **torn tail** (the last record, unfinished) is
+  cut and counted only when its writer is dead and the window reached the end of the file.
 * **Cap**: past ``max_bytes`` unshipped, the oldest records are skipped, counted and logged.
 * **Clean-up**: a finished (sealed, or writer dead), fully shipped segment is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +47,9 @@ from tracing.spool import (
     write_dead_letter,
     writer_alive,
 )
+from tracing.spool._cursors import reserve_cursor
+from tracing.spool._format import lost_records
+from tracing.spool._space import punch_prefix, punchable
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -69,12 +77,15 @@ class Pending:
     scores: int = 0
 
 
-def count_pending(spool_dir: Path) -> Pending:
-    """Count the undelivered span and score records of a spool (reads what is unshipped)."""
+def count_pending(spool_dir: Path, cursor: Callable[[Path], int] = read_cursor) -> Pending:
+    """Count the undelivered span and score records of a spool (reads what is unshipped).
+
+    ``cursor``: where each segment's undelivered part starts (the files' cursors, or a
+    shipper's own view, which is newer if a cursor could not be written)."""
     spans = scores = 0
     for path, _ in list_segments(spool_dir):
         try:
-            records = scan_file(path, read_cursor(path)).records
+            records = scan_file(path, cursor(path)).records
         except FileNotFoundError:
             continue
         spans += sum(1 for r in records if r.kind == KIND_SPAN)
@@ -104,23 +115,72 @@ class SpoolReader:
         self.alive = alive
         self.pending = 0  # unshipped bytes as of the last ``pending_bytes`` call
         self._cursors: dict[Path, int] = {}
+        self._durable: dict[Path, int] = {}  # cursors as last written to disk
+        self._punched: dict[Path, int] = {}  # bytes freed at the start of each segment
+        self._cursor_errors: set[str] = set()
+        self.reported_drops: dict[str, int] = {}  # KIND_DROPPED records, by cause
         self._ahead: dict[Path, list[Item]] = {}  # read, not yet done, in file order
         self._scanned: dict[Path, int] = {}  # where reading ahead stopped
 
     def cursor(self, path: Path) -> int:
+        """``path``'s cursor; the first time, read from disk and its file reserved."""
         if path not in self._cursors:
-            self._cursors[path] = read_cursor(path)
+            try:
+                self._cursors[path] = reserve_cursor(path)
+                self._durable[path] = self._cursors[path]
+            except FileNotFoundError:
+                self._cursors[path] = 0  # the segment is gone, or going
+            except OSError as exc:  # no room to reserve it: written when there is
+                self._cursors[path] = read_cursor(path)
+                self._cursor_failed(path, exc)
         return self._cursors[path]
 
     def commit(self, items: Iterable[Item]) -> None:
-        """Mark ``items`` done: each segment's cursor moves to the furthest end among them."""
+        """Mark ``items`` done: each segment's cursor moves to the furthest end among them.
+
+        In memory first (this shipper never resends them, whatever the disk says), then on
+        disk; a cursor that cannot be written is logged and counted, never raised: the send
+        succeeded, and raising would resend it.
+        """
         ends: dict[Path, int] = {}
         for item in items:
             ends[item.path] = max(ends.get(item.path, 0), item.end)
-        for path, end in ends.items():
-            if end > self.cursor(path):
-                self._cursors[path] = end
-                write_cursor(path, end)
+        moved = [(path, end) for path, end in ends.items() if end > self.cursor(path)]
+        for path, end in moved:
+            self._cursors[path] = end
+        for path, end in moved:
+            self._persist(path, end)
+
+    def _persist(self, path: Path, end: int) -> None:
+        try:
+            write_cursor(path, end)
+        except FileNotFoundError:
+            return  # the segment was removed under us: nothing left to resend
+        except OSError as exc:
+            self._cursor_failed(path, exc)
+            return
+        self._durable[path] = end
+
+    def _cursor_failed(self, path: Path, exc: OSError) -> None:
+        self.stats.cursor_write_failures += 1
+        kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        if kind not in self._cursor_errors:
+            self._cursor_errors.add(kind)
+            logger.error(
+                "celery-langfuse: cannot write the shipping cursor of %s (%s); progress is "
+                "kept in memory, so nothing is resent while this shipper runs, but a restart "
+                "would resend those records. Free space in %s.", path.name, exc, self.spool_dir)
+
+    def free_space(self, keep_from: Callable[[Path], int]) -> int:
+        """Punch out the shipped prefix of segments whose cursor is on disk, up to
+        ``keep_from(path)`` (the first byte the attempt index still needs); bytes freed."""
+        freed = 0
+        for path, durable in list(self._durable.items()):
+            end = punchable(min(durable, keep_from(path)))
+            if end > self._punched.get(path, 0) and punch_prefix(path, end):
+                freed += end - self._punched.get(path, 0)
+                self._punched[path] = end
+        return freed
 
     def pending_bytes(self) -> int:
         """Unshipped bytes over all segments (stats every segment; kept in ``pending``)."""
@@ -203,7 +263,7 @@ class SpoolReader:
         except (ValueError, KeyError, TypeError):
             logger.warning("celery-langfuse: unreadable dropped-spans record in %s", path)
             return
-        counts = self.stats.dropped_in_writers
+        counts = self.reported_drops
         if cause not in counts:
             logger.error("celery-langfuse: a process writing to %s dropped %d span(s) before "
                          "they reached the spool (%s); counted in `python -m tracing status`",
@@ -215,6 +275,8 @@ class SpoolReader:
         self._ahead.pop(path, None)
         self._scanned.pop(path, None)
         self._cursors.pop(path, None)
+        self._durable.pop(path, None)
+        self._punched.pop(path, None)
 
     def _scan_window(self, path: Path, start: int, size: int) -> tuple[ScanResult, bool]:
         window = self.batch_max_bytes + WINDOW_SLACK
@@ -229,20 +291,34 @@ class SpoolReader:
         with path.open("rb") as handle:
             handle.seek(first)
             raw = handle.read(last - first)
-        write_dead_letter(self.spool_dir, [raw], f"corrupt bytes {first}-{last} of {path.name}")
+        if not raw.strip(b"\x00"):
+            return  # a punched hole (read only when a cursor was lost): nothing was there
+        spans = lost_records(raw).get(KIND_SPAN, 0)
         self.stats.corrupt_records += 1
+        self.stats.unreadable_spans += spans
+        where = f"{self.spool_dir}/dead-letter"
+        try:
+            write_dead_letter(self.spool_dir, [raw],
+                              f"corrupt bytes {first}-{last} of {path.name}")
+        except OSError as exc:
+            where = f"nowhere ({exc})"
         logger.warning(
-            "celery-langfuse: %d corrupt bytes at offset %d of %s (bad checksum) set aside in "
-            "%s/dead-letter; the records around them are shipped", last - first, first,
-            path.name, self.spool_dir,
+            "celery-langfuse: %d corrupt bytes at offset %d of %s (bad checksum), holding %d "
+            "span record(s) that cannot be read, set aside in %s; the records around them "
+            "are shipped", last - first, first, path.name, spans, where,
         )
 
     def _cut_torn_tail(self, path: Path, end: int) -> Item:
         size = path.stat().st_size
+        with path.open("rb") as handle:
+            handle.seek(end)
+            spans = lost_records(handle.read(size - end)).get(KIND_SPAN, 0)
         self.stats.torn_tails += 1
+        self.stats.unreadable_spans += spans
         logger.warning(
-            "celery-langfuse: %s ends in %d bytes of a record its dead writer did not finish "
-            "(killed mid-write); they are skipped", path.name, size - end,
+            "celery-langfuse: %s ends in %d bytes of a record its writer never finished (it "
+            "died mid-write, or a full disk cut the write short), %d span record(s); they are "
+            "skipped", path.name, size - end, spans,
         )
         return Item(path, size)
 

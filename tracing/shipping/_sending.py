@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tracing._config import Config
 from tracing.shipping._delivery import (
@@ -18,7 +19,9 @@ from tracing.shipping._delivery import (
     SendResult,
     Verdict,
     after_pause,
+    request_timeout,
     split,
+    still_slow,
     verdict,
 )
 from tracing.shipping._reader import Item, SpoolReader
@@ -46,12 +49,21 @@ class BatchSender:
         self.clock = clock
         self.uniform = uniform
         self.backoff = Backoff()
+        self.slow = False  # in a slow episode (``_delivery``): longer waits, unknown first
+        self.unknown: list[Item] = []  # the last batch whose outcome is unknown
+        self._unsure: set[bytes] = set()  # ids of spans sent with an unknown outcome
         self._reported: set[str] = set()
         self.scores = ScoreSender(config, reader, stats, transport=score_transport, clock=clock,
                                   uniform=uniform)
 
     def ready(self) -> bool:
         return self.backoff.ready(self.clock())
+
+    def unknown_batch(self, cursor: Callable[[Path], int]) -> list[Item]:
+        """The batch whose outcome is unknown, minus what became done since (``cursor``: a
+        segment's committed offset): to be resent alone, before anything new."""
+        self.unknown = [item for item in self.unknown if item.end > cursor(item.path)]
+        return list(self.unknown)
 
     def deliver(self, items: list[Item], deadline: float | None = None) -> bool:
         """Send ``items``; True if all became done, False if shipping must wait."""
@@ -61,10 +73,21 @@ class BatchSender:
         if not spans:
             self.reader.commit(items)
             return True
+        ids = [item.payload[:8] for item in spans if item.payload is not None]
+        self.stats.resent_spans += sum(1 for span_id in ids if span_id in self._unsure)
+        started = self.clock()
         result = self.transport.send(b"".join(bodies), self._timeout(deadline))
         self.stats.requests += 1
         self.stats.last_status = result.status
         rule = verdict(result, len(spans))
+        self._note_speed(rule, self.clock() - started, len(spans))
+        if rule is Verdict.UNKNOWN:
+            self.unknown = list(items)
+            if len(self._unsure) > 100_000:  # bounded; only the resent count would suffer
+                self._unsure.clear()
+            self._unsure.update(ids)
+        elif rule in (Verdict.DONE, Verdict.REJECT):
+            self._unsure.difference_update(ids)  # stored, or set aside: never resent
         if rule is Verdict.DONE:
             self._delivered(items, len(spans))
             return True
@@ -123,9 +146,22 @@ class BatchSender:
         return spans, bodies
 
     def _timeout(self, deadline: float | None) -> float:
-        if deadline is None:
-            return self.config.http_timeout
-        return max(0.2, min(self.config.http_timeout, deadline - self.clock()))
+        left = None if deadline is None else deadline - self.clock()
+        return request_timeout(self.config.http_timeout, self.slow, left)
+
+    def _note_speed(self, rule: Verdict, elapsed: float, spans: int) -> None:
+        """Enter or leave a slow episode (``_delivery.still_slow``), with one line each."""
+        base = self.config.http_timeout
+        slow = still_slow(self.slow, rule, elapsed, base)
+        if slow and not self.slow:
+            logger.warning(
+                "celery-langfuse: Langfuse did not answer within %gs (LANGFUSE_TIMEOUT); it "
+                "may have stored the %d span(s) of that request. Resending them alone and "
+                "waiting up to %gs per request until it answers within %gs again.",
+                base, spans, request_timeout(base, True), base)
+        elif self.slow and not slow:
+            logger.info("celery-langfuse: Langfuse answers within LANGFUSE_TIMEOUT again")
+        self.slow = slow
 
     def _delivered(self, items: list[Item], span_count: int) -> None:
         self.reader.commit(items)

@@ -12,8 +12,16 @@ takes them off it. One shipper runs per spool, kept alone by an exclusive ``floc
    children, a SIGKILLed worker, a previous run — from its cursor, in windows; corrupt
    records set aside, the torn tail of a dead writer cut.
 4. **Sends it** (``_sending.BatchSender`` over ``_transport``) and applies the rules
-   (``_delivery``, pure functions: done / split / reject / pause / back off / unknown).
-5. **Cleans up**: finished, fully shipped segments are removed.
+   (``_delivery``, pure functions: done / split / reject / pause / back off / unknown). A
+   batch whose outcome is unknown (a timeout) is resent alone before anything new.
+5. **Cleans up**: the shipped prefix of every segment is punched out of the disk as soon as
+   its cursor is written (``_reader.SpoolReader.free_space``); finished, fully shipped
+   segments are removed.
+
+Every span that never reaches Langfuse is counted in the status by cause (``_status``):
+dropped by writers (their ``KIND_DROPPED`` records and the spool's drop ledger, which a full
+disk cannot stop), at the cap, or unreadable (corrupt bytes, torn tails); while that total
+grows, one log line every ``DROP_LOG_INTERVAL`` seconds gives it.
 
 6. **Drains the hand-off stream** (``_handoff``): one batch of what stopped workers of the
    deployment left in its Redis, under the same rules, after each pass.
@@ -42,11 +50,14 @@ from tracing.shipping._status import STATUS_FILE, ShipperStats, write_status
 from tracing.shipping._transport import HttpTransport, Transport
 from tracing.spool import SegmentId, ShipperLock, writer_alive
 from tracing.spool._attempts import AttemptCloser, AttemptIndex
+from tracing.spool._drops import read_ledger, totals_by_cause
 from tracing.spool._exporter import SpoolExporter
 
 __all__ = ["STATUS_FILE", "Shipper", "ShipperCore", "ShipperStats"]
 
 logger = logging.getLogger("celery_langfuse")
+
+DROP_LOG_INTERVAL = 30.0
 
 
 class ShipperCore:
@@ -79,6 +90,8 @@ class ShipperCore:
         self._batch_was_full = False
         self._status_written = -1e9
         self.status_interval = status_interval
+        self._lost_logged = 0  # the lost-span total the last log line gave
+        self._lost_logged_at = -1e9
         # The deployment's hand-off stream (``_handoff``): drained while running, fed at stop.
         self.handoff = drainer_for(config, self.spool_dir, self.transport, self.stats)
 
@@ -102,6 +115,25 @@ class ShipperCore:
         self.stats.attempts_closed = self.closer.closed_count
         self.stats.pending_bytes = self.reader.pending
         return asdict(self.stats)
+
+    def count_lost(self) -> None:
+        """Refresh the lost-span counters (the drop ledger is one small read), and log their
+        running total when it grew, at most once per ``DROP_LOG_INTERVAL``."""
+        stats = self.stats
+        drops = dict(self.reader.reported_drops)
+        for cause, count in totals_by_cause(read_ledger(self.spool_dir)).items():
+            drops[cause] = drops.get(cause, 0) + count
+        stats.dropped_in_writers = drops
+        stats.lost_spans = sum(drops.values()) + stats.dropped_at_cap + stats.unreadable_spans
+        now = time.monotonic()
+        if stats.lost_spans > self._lost_logged and now - self._lost_logged_at >= DROP_LOG_INTERVAL:
+            self._lost_logged, self._lost_logged_at = stats.lost_spans, now
+            causes = {**drops, "spool_cap": stats.dropped_at_cap,
+                      "unreadable": stats.unreadable_spans}
+            logger.error(
+                "celery-langfuse: %d span(s) of spool %s never reached Langfuse so far (%s); "
+                "see `python -m tracing status`", stats.lost_spans, self.spool_dir,
+                ", ".join(f"{cause} {n}" for cause, n in sorted(causes.items()) if n))
 
     def pending_bytes(self) -> int:
         """Unshipped bytes now (stats every segment; the loop keeps ``state()`` current)."""
@@ -150,16 +182,24 @@ class ShipperCore:
         self.index.refresh()
         closed = self.closer.close_orphans(self.orphan_grace)
         enforce_cap(self.reader, self.config.spool_max_bytes)
-        if not self.sender.ready():
-            return closed
-        items, self._batch_was_full = self.reader.next_batch()
-        if not items:
-            delete_finished(self.reader, self.index.segments_with_open_attempts(),
-                            self.index.has_read)
-            return closed
-        moved = self.sender.deliver(items, deadline)
-        self.reader.pending_bytes()
-        return moved or closed
+        try:
+            if not self.sender.ready():
+                return closed
+            # A batch whose outcome is unknown goes again alone, before anything new.
+            items = self.sender.unknown_batch(self.reader.cursor)
+            if items:
+                self._batch_was_full = True
+            else:
+                items, self._batch_was_full = self.reader.next_batch()
+            if not items:
+                delete_finished(self.reader, self.index.segments_with_open_attempts(),
+                                self.index.has_read)
+                return closed
+            moved = self.sender.deliver(items, deadline)
+            self.reader.pending_bytes()
+            return moved or closed
+        finally:
+            self.reader.free_space(self.index.keep_from)
 
     def _write_status(self, force: bool = False) -> None:
         """The status file (for the CLI and a supervising process), every ``status_interval``."""
@@ -168,6 +208,7 @@ class ShipperCore:
             return
         self._status_written = now
         self.state()
+        self.count_lost()
         write_status(self.spool_dir, self.stats, base_url=self.config.base_url)
 
 
@@ -210,7 +251,7 @@ class Shipper(ShipperCore):
     def _report_left(self) -> None:
         """One line saying what this stop leaves undelivered on disk, and where."""
         try:
-            left = count_pending(self.spool_dir)
+            left = count_pending(self.spool_dir, self.reader.cursor)
             attempts = len(list(self.index.open_attempts()))
         except OSError:
             return

@@ -61,6 +61,7 @@ class ShipperProcess:
         self.index = AttemptIndex(self.spool_dir)
         self.closer = AttemptCloser(self.index, lambda frame: exporter.write(frame, 1))
         self.restarts = 0
+        self._last_status: dict[str, Any] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._control: IO[bytes] | None = None
         self._lock = threading.Lock()
@@ -90,7 +91,8 @@ class ShipperProcess:
 
     def state(self) -> dict[str, Any]:
         """The child's counters as of its last status write (a small file, no spool scan)."""
-        data = read_status(self.spool_dir) or {}
+        data = read_status(self.spool_dir) or self._last_status
+        self._last_status = data  # kept: an update caught half done reads as nothing
         state = {name: data.get(name) for name in _FIELDS}
         state["attempts_closed"] = (data.get("attempts_closed") or 0) + self.closer.closed_count
         state["pending_bytes"] = data.get("pending_bytes") or 0

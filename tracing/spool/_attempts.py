@@ -51,6 +51,7 @@ from tracing.spool import (
     scan_file,
     writer_alive,
 )
+from tracing.spool._drops import read_ledger
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -141,6 +142,8 @@ class _Tracked:
     attempt: OpenAttempt
     segment: Path
     writer: SegmentId
+    offset: int = 0  # where its KIND_OPEN record starts in ``segment``
+    unreadable: bool = False  # corrupt bytes followed it in its segment
 
 
 class AttemptIndex:
@@ -193,10 +196,40 @@ class AttemptIndex:
                 closed.add(record.payload[:8].hex())
             elif record.kind == KIND_OPEN:
                 try:
-                    opened.append(_Tracked(OpenAttempt.from_payload(record.payload), path, segment))
+                    attempt = OpenAttempt.from_payload(record.payload)
                 except (ValueError, TypeError):
                     logger.warning("celery-langfuse: unreadable open-attempt record in %s", path)
+                    continue
+                opened.append(_Tracked(attempt, path, segment, record.offset))
+        if result.corrupt:
+            # A span written after its attempt opened may be in those bytes: say so when the
+            # attempt is closed, rather than blaming its process.
+            last_bad = max(first for first, _ in result.corrupt)
+            for tracked in [*opened, *self._open.values()]:
+                if tracked.segment == path and tracked.offset < last_bad:
+                    tracked.unreadable = True
         self._read_to[path] = result.end
+
+    def keep_from(self, path: Path) -> int:
+        """The first byte of ``path`` this index still needs: where its reading stopped, or
+        an open attempt's record before that (the main process's index may still look it up).
+        Bytes before it may be freed (``tracing.spool._space``)."""
+        with self._lock:
+            needed = [t.offset for t in self._open.values() if t.segment == path]
+            return min([self._read_to.get(path, 0), *needed])
+
+    def why_open(self, span_id: str) -> str | None:
+        """What is known about why an attempt never closed: None, or ``"unreadable"`` (corrupt
+        bytes followed its start record)."""
+        with self._lock:
+            tracked = self._open.get(span_id)
+            return "unreadable" if tracked is not None and tracked.unreadable else None
+
+    def writer_of(self, span_id: str) -> str | None:
+        """The writer id of the segment an open attempt was read from (None if unknown)."""
+        with self._lock:
+            tracked = self._open.get(span_id)
+            return (tracked.writer.writer or None) if tracked is not None else None
 
     def has_read(self, path: Path) -> bool:
         """True once every whole record of ``path`` has been read into the index."""
@@ -292,6 +325,29 @@ WORKER_LOST = (
     "worker lost: the process running this task exited before it finished "
     "(SIGKILL, OOM kill or crash); its outcome is unknown"
 )
+SPAN_UNREADABLE = (
+    "span record unreadable: the spool holds corrupt bytes after this attempt's start record, "
+    "where its span was most likely written (set aside in dead-letter/); its outcome is unknown"
+)
+SPAN_NOT_STORED = (
+    "span record not stored: the process running this task could not write {count} span(s) "
+    "to the spool ({causes}); its outcome is unknown"
+)
+
+
+def orphan_reason(index: AttemptIndex, attempt: OpenAttempt, spool_dir: Path) -> str:
+    """Why ``attempt``'s process left it open, as far as the spool can tell (never a guess
+    dressed up as a cause): its span was in corrupt bytes, its process could not store spans
+    (the drop ledger names it), or else the process died before the task ended."""
+    if index.why_open(attempt.span_id) == "unreadable":
+        return SPAN_UNREADABLE
+    writer = index.writer_of(attempt.span_id)
+    if writer:
+        drops = {cause: n for (who, cause), n in read_ledger(spool_dir).items() if who == writer}
+        if drops:
+            causes = ", ".join(f"{cause}: {n}" for cause, n in sorted(drops.items()))
+            return SPAN_NOT_STORED.format(count=sum(drops.values()), causes=causes)
+    return WORKER_LOST
 
 
 class AttemptCloser:
@@ -334,7 +390,8 @@ class AttemptCloser:
                 if attempt.span_id in self._closed_spans:
                     self.index.mark_closed(attempt.span_id)
                     continue
-                self._write_closing(attempt, WORKER_LOST, "ERROR", "FAILURE")
+                reason = orphan_reason(self.index, attempt, self.index.spool_dir)
+                self._write_closing(attempt, reason, "ERROR", "FAILURE")
         return bool(orphans)
 
     def _write_closing(

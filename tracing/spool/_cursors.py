@@ -10,11 +10,14 @@ import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracing.spool._drops import reserve_ledger
 from tracing.spool._format import (
     _REASON_SUFFIX,
     CURSOR_SUFFIX,
@@ -47,20 +50,49 @@ def cursor_path(segment: StrPath) -> Path:
     return p.with_name(p.name + CURSOR_SUFFIX)
 
 
+CURSOR_SLOT_SIZE = 30
+CURSOR_FILE_SIZE = 2 * CURSOR_SLOT_SIZE
+_SLOT_RE = re.compile(rb"([0-9]{20}) ([0-9a-f]{8})\n")
+
+
+def _slot(offset: int) -> bytes:
+    digits = f"{offset:020d}".encode("ascii")
+    return digits + f" {zlib.crc32(digits):08x}\n".encode("ascii")
+
+
+def _slot_value(raw: bytes) -> int | None:
+    m = _SLOT_RE.fullmatch(raw)
+    if m is None or zlib.crc32(m.group(1)) != int(m.group(2), 16):
+        return None
+    return int(m.group(1))
+
+
+def _parse_cursor(raw: bytes) -> int | None:
+    """The offset a cursor file holds (either form, see the format spec); None if corrupt."""
+    if len(raw) == CURSOR_FILE_SIZE:
+        values = [v for v in (_slot_value(raw[:CURSOR_SLOT_SIZE]),
+                              _slot_value(raw[CURSOR_SLOT_SIZE:])) if v is not None]
+        return max(values) if values else None
+    text = raw.strip()  # the form of earlier versions: decimal digits and a newline
+    if text.isdigit() and text.isascii():
+        return int(text)
+    return None
+
+
 def read_cursor(segment: StrPath) -> int:
     """Committed offset of ``segment`` (0 if none). A corrupt cursor reads as 0, with a warning.
 
-    0 means resending what was already shipped, which is why ``write_cursor`` replaces the file
-    atomically: a killed shipper leaves the old cursor or the new one, never half of one.
+    0 means resending what was already shipped, which is why a cursor has two checksummed
+    slots (``write_cursor``): a shipper killed mid-write leaves the other slot intact.
     """
     path = cursor_path(segment)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return 0
-    text = raw.strip()
-    if text.isdigit() and text.isascii():
-        return int(text)
+    value = _parse_cursor(raw)
+    if value is not None:
+        return value
     log.warning(
         "spool cursor %s is corrupt (%r); re-reading %s from the start",
         path,
@@ -70,15 +102,57 @@ def read_cursor(segment: StrPath) -> int:
     return 0
 
 
-def write_cursor(segment: StrPath, offset: int) -> None:
-    """Atomically record that ``segment`` is shipped up to ``offset`` (tmp file + os.replace).
+def reserve_cursor(segment: StrPath) -> int:
+    """Make sure ``segment`` has a cursor file of the fixed size; return its offset.
 
-    No fsync: this protects against a killed process, not a power cut (after which the cursor
-    may be older than what was shipped, so those records are sent again).
+    Called by the shipper when it first sees a segment, while the disk has room, so that every
+    later ``write_cursor`` overwrites bytes in place and cannot fail for lack of space. A
+    cursor in the form of earlier versions is rewritten in the fixed form (same offset).
+    Raises OSError when the file cannot be created (e.g. the disk is already full).
+    """
+    path = cursor_path(segment)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        os.stat(segment)  # FileNotFoundError: no cursor for a segment already removed
+        _create_file(path, _slot(0) * 2)
+        return 0
+    value = _parse_cursor(raw)
+    if len(raw) != CURSOR_FILE_SIZE:
+        _write_file_atomic(path, _slot(value or 0) * 2)
+    return value or 0
+
+
+def write_cursor(segment: StrPath, offset: int) -> None:
+    """Record that ``segment`` is shipped up to ``offset``.
+
+    A reserved cursor (``reserve_cursor``) is updated in place: one ``pwrite`` of a 30-byte
+    slot into the file's existing block, overwriting the slot that holds the older (or an
+    unreadable) value, so the newer value survives a torn write and no block is allocated: it
+    works on a full disk. Otherwise (no cursor yet, or one of an earlier version) the file is
+    replaced atomically (tmp file + ``os.replace``), which needs space. No fsync: this
+    protects against a killed process, not a power cut (after which the cursor may be older
+    than what was shipped, so those records are sent again).
     """
     if offset < 0:
         raise ValueError(f"cursor offset must be >= 0, got {offset}")
-    _write_file_atomic(cursor_path(segment), f"{offset}\n".encode("ascii"))
+    path = cursor_path(segment)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:
+        try:
+            raw = os.pread(fd, CURSOR_FILE_SIZE + 1, 0)
+            if len(raw) == CURSOR_FILE_SIZE:
+                first = _slot_value(raw[:CURSOR_SLOT_SIZE])
+                second = _slot_value(raw[CURSOR_SLOT_SIZE:])
+                older_first = first is None or (second is not None and first <= second)
+                _pwrite_all(fd, _slot(offset), 0 if older_first else CURSOR_SLOT_SIZE)
+                return
+        finally:
+            os.close(fd)
+    _write_file_atomic(path, _slot(offset) * 2)
 
 
 def remove_segment(segment: StrPath) -> None:
@@ -160,6 +234,7 @@ class ShipperLock:
             sweep_writer_locks(self.spool_dir)  # strays of writers that died before writing
         except OSError as e:
             log.debug("could not sweep writer locks in %s: %s", self.spool_dir, e)
+        reserve_ledger(self.spool_dir)  # while there is room: writers count drops in place
         return True
 
     def release(self) -> None:
@@ -256,6 +331,30 @@ def read_dead_letters(spool_dir: StrPath) -> list[DeadLetter]:
                 when = path.stat().st_mtime
         out.append(DeadLetter(path, reason, when, result.records))
     return out
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _create_file(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data`` whole, never replacing a file created meanwhile."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _write_file_atomic(path: Path, data: bytes) -> None:

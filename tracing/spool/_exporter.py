@@ -9,11 +9,14 @@ decoding; the shipper turns it into OTLP at send time), all frames of a batch in
 ``os.write``.
 
 A failed write (full disk, unwritable directory) never propagates into the task: the spans
-are counted as dropped and one log line per kind of error says what to do.
+are counted as dropped, by cause, in the spool's drop ledger (``_drops``: updated in place,
+so a full disk cannot stop the count; the shipper reports it), and one log line per kind of
+error says what to do.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Sequence
@@ -22,6 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing.spool import SegmentWriter
+from tracing.spool._drops import DISK_FULL, UNENCODABLE, WRITE_FAILED, record_drops
 from tracing.spool._spanrecord import span_record
 
 logger = logging.getLogger("celery_langfuse")
@@ -38,6 +42,7 @@ class SpoolExporter(SpanExporter):
     def __init__(self, writer: SegmentWriter) -> None:
         self.writer = writer
         self.dropped_spans = 0
+        self._unrecorded: dict[str, int] = {}  # counted here, not yet in the ledger
         self._reported: set[str] = set()
         self._lock = threading.Lock()
 
@@ -46,7 +51,7 @@ class SpoolExporter(SpanExporter):
             frames = b"".join(span_frame(span) for span in spans)
         except Exception:
             logger.exception("celery-langfuse: could not encode %d span(s); dropped", len(spans))
-            self._count_dropped(len(spans))
+            self._count_dropped(len(spans), UNENCODABLE)
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS if self.write(frames, len(spans)) else (
             SpanExportResult.FAILURE
@@ -58,13 +63,21 @@ class SpoolExporter(SpanExporter):
             self.writer.append(frames)
             return True
         except Exception as exc:
-            self._count_dropped(span_count)
+            full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            self._count_dropped(span_count, DISK_FULL if full else WRITE_FAILED)
             self._report_once(exc)
             return False
 
-    def _count_dropped(self, count: int) -> None:
+    def _count_dropped(self, count: int, cause: str) -> None:
+        """Count ``count`` spans lost for ``cause``, here and in the spool's drop ledger (what
+        the ledger could not take yet is retried with the next drop)."""
+        if count <= 0:
+            return
         with self._lock:
             self.dropped_spans += count
+            self._unrecorded[cause] = self._unrecorded.get(cause, 0) + count
+            if record_drops(self.writer.spool_dir, self.writer.writer_id, self._unrecorded):
+                self._unrecorded.clear()
 
     def _report_once(self, exc: Exception) -> None:
         kind = f"{type(exc).__name__}:{getattr(exc, 'errno', '')}"

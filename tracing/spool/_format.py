@@ -11,6 +11,8 @@ Directory layout
     {spool_dir}/                              0700, created with its parents on first use
         seg-w{writer}-{pid}-{seq:06d}.spool       segments: append-only record logs, 0600
         seg-....spool.cursor                      shipper's committed offset in that segment
+        dropped.ledger                            spans writers could not store, by cause
+        shipper-status.json                       the shipper's counters (fixed size, padded)
         writer-{writer}.lock                      flock()ed (LOCK_EX) by its live writer, 0600
         .writer-{writer}.lock.tmp                 the same, for the instant before its rename
         shipper.lock                              flock()ed by the one running shipper
@@ -120,11 +122,33 @@ Lifecycle
    its buffer when a pool child leaves with ``os._exit`` and would be duplicated by ``fork``),
    and rotates to ``seq+1`` past ``max_segment_bytes``, sealing the old one. A forked child
    never shares the parent's descriptors: it closes its inherited copies (segment and lock)
-   and starts over under a writer id and lock of its own.
+   and starts over under a writer id and lock of its own. A write cut short (a full disk)
+   is truncated back to the last whole frame, so it leaves no torn record; the spans it held
+   are counted in the drop ledger (``_drops``) by cause, a file of fixed size updated in place.
 2. The shipper holds ``shipper.lock``, lists segments oldest first (``list_segments``), scans
-   each from its cursor, sends what it finds, then commits the new offset with ``write_cursor``
-   (atomic replace). A record before the cursor is never sent again; a crash between a
-   successful send and the cursor write is the only way to resend (the outcome was unknown).
+   each from its cursor, sends what it finds, then commits the new offset with ``write_cursor``.
+   A record before the cursor is never sent again; a crash between a successful send and the
+   cursor write is the only way to resend (the outcome was unknown).
+
+   **Cursor file.** Written now: exactly ``CURSOR_FILE_SIZE`` (60) bytes, two slots of 30::
+
+       {offset: 20 decimal digits} {crc32 of those 20 ASCII digits: 8 lowercase hex}\n
+
+   The offset is the larger of the slots whose crc matches (none: corrupt, read as 0). The
+   shipper creates it (``reserve_cursor``, both slots 0) when it first sees a segment, while
+   the disk has room; each commit then overwrites the slot holding the older value with one
+   ``pwrite`` into the file's existing block. Nothing is allocated, so progress survives a
+   full disk (ENOSPC cannot turn a delivered batch into a resent one), and a write torn by
+   a kill leaves the other slot's value. Earlier versions wrote ``{offset}\n`` and replaced
+   the file atomically: such a cursor is still read, and rewritten in the fixed form when
+   the shipper first sees it. (On copy-on-write filesystems an overwrite may still need a
+   block; a failed cursor write keeps the progress in the shipper's memory, logged.)
+
+   **Freeing space early** (``_space``): once a segment's cursor is written, the shipper
+   punches the pages before it out of the file (``FALLOC_FL_PUNCH_HOLE``, size and offsets
+   unchanged), below the first record the attempt index still needs, so a live writer's
+   segment gives space back as Langfuse takes its records. Punched bytes read as zeros and
+   are never read: everything reads from a cursor or from the attempt index's own offset.
 3. Segments of dead writers are *orphans*; any later shipper adopts them the same way.
 4. A finished and fully shipped segment is removed with ``remove_segment`` (segment first, then
    cursor, so a crash in between never makes a shipped segment look unshipped).
@@ -326,6 +350,27 @@ def scan_file(path: StrPath, start: int = 0, max_bytes: int | None = None) -> Sc
         f.seek(start)
         data = f.read() if max_bytes is None else f.read(max_bytes)
     return _scan(data, 0, start)
+
+_KINDS = frozenset({KIND_SPAN, KIND_OPEN, KIND_DROPPED, KIND_SEAL, KIND_SCORE})
+
+
+def lost_records(raw: bytes) -> dict[int, int]:
+    """Records that started in unreadable bytes (a corrupt range, a torn tail), by kind.
+
+    Counted by the frame headers still recognisable in them (MAGIC, a known kind, a
+    plausible length); bytes holding none count as one record of kind 0 (unknown).
+    """
+    counts: dict[int, int] = {}
+    pos = raw.find(MAGIC)
+    while 0 <= pos <= len(raw) - 7:
+        kind, length = _KIND_LEN.unpack_from(raw, pos + 2)
+        if kind in _KINDS and length <= MAX_PAYLOAD:
+            counts[kind] = counts.get(kind, 0) + 1
+        pos = raw.find(MAGIC, pos + 1)
+    if not counts and raw.strip(b"\x00"):
+        counts[0] = 1
+    return counts
+
 
 def _write_all(fd: int, data: bytes) -> None:
     # os.write may write less than asked (a signal, a nearly full disk): loop on the rest.

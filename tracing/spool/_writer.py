@@ -121,9 +121,16 @@ class SegmentWriter:
             self._torn = True  # cannot tell; start a fresh segment to be safe
             return
         if actual != self._size and actual != self._size + wanted:
-            # Part of a frame is on disk. Later frames would still scan fine (resync), but
-            # moving to a new segment keeps the damage at the end of a sealed one.
-            self._torn = True
+            # Part of the frames is on disk (a full disk cut the write short, or a signal
+            # interrupted it). Truncating back to the last whole frame frees that space and
+            # leaves no torn record for the shipper to take for a writer killed mid-write.
+            try:
+                os.ftruncate(fd, self._size)
+                return
+            except OSError:
+                # Later frames would still scan fine (resync), but moving to a new segment
+                # keeps the damage at the end of a sealed one.
+                self._torn = True
         self._size = actual
 
     def _hold_writer_lock(self) -> str:
