@@ -159,10 +159,12 @@ def drain(spool_dir: str | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     try:
         with click.progressbar(length=total, label="shipping", show_eta=False) as bar:
-            while time.monotonic() < deadline and shipper.pending_bytes():
+            while True:  # at least once: that also closes dead workers' open attempts
                 before = shipper.pending_bytes()
-                shipper.drain(min(1.0, deadline - time.monotonic()))
+                shipper.drain(max(0.0, min(1.0, deadline - time.monotonic())))
                 bar.update(max(0, before - shipper.pending_bytes()))
+                if time.monotonic() >= deadline or not shipper.pending_bytes():
+                    break
     except RuntimeError as exc:  # another shipper (a running worker) holds the spool
         raise click.ClickException(f"{exc}; that worker ships it already") from None
     stats = shipper.stats

@@ -46,7 +46,7 @@ from tracing.shipping._handoff import handoff_remaining
 from tracing.shipping._handoff_drain import drainer_for
 from tracing.shipping._reader import SpoolReader, count_pending, delete_finished, enforce_cap
 from tracing.shipping._sending import BatchSender
-from tracing.shipping._status import STATUS_FILE, ShipperStats, write_status
+from tracing.shipping._status import STATUS_FILE, ShipperStats, reserve_status, write_status
 from tracing.shipping._transport import HttpTransport, Transport
 from tracing.spool import SegmentId, ShipperLock, writer_alive
 from tracing.spool._attempts import AttemptCloser, AttemptIndex
@@ -145,6 +145,7 @@ class ShipperCore:
             if self._has_lock:
                 logger.info("celery-langfuse: shipping spool %s to %s",
                             self.spool_dir, self.config.base_url)
+                reserve_status(self.spool_dir)  # while there is room (see ``_status``)
         return self._has_lock
 
     def _release(self) -> None:

@@ -40,9 +40,10 @@ import time
 from typing import IO, Any
 
 from tracing._config import Config
-from tracing.shipping._status import STATUS_FILE, ShipperStats, read_status
+from tracing.shipping._status import STATUS_FILE, ShipperStats, read_status, reserve_status
 from tracing.spool import SegmentWriter, ensure_spool_dir
 from tracing.spool._attempts import AttemptCloser, AttemptIndex
+from tracing.spool._drops import reserve_ledger
 from tracing.spool._exporter import SpoolExporter
 
 logger = logging.getLogger("celery_langfuse")
@@ -133,6 +134,9 @@ class ShipperProcess:
 
     def _spawn(self) -> None:
         ensure_spool_dir(self.spool_dir)
+        # Before any task can fill the disk: the shipper's counters then always have a place.
+        reserve_status(self.spool_dir)
+        reserve_ledger(self.spool_dir)
         proc = subprocess.Popen(
             [sys.executable, "-m", "tracing.shipping._shipper_main"],
             stdin=subprocess.PIPE, bufsize=0, close_fds=True,

@@ -9,6 +9,7 @@ done sees invalid JSON and reads again (``read_status``) or keeps its last good 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,6 +69,23 @@ def write_status(spool_dir: Path, stats: ShipperStats, **extra: Any) -> None:
             os.replace(tmp, path)
     except OSError:
         logger.debug("celery-langfuse: could not write %s", STATUS_FILE, exc_info=True)
+
+
+def reserve_status(spool_dir: Path) -> None:
+    """Create the status file at its fixed size if it is missing (while there is room), so
+    that every later update is an overwrite in place; failures are ignored."""
+    path = spool_dir / STATUS_FILE
+    if path.exists():
+        return
+    tmp = spool_dir / f".{STATUS_FILE}.{os.getpid()}"
+    try:
+        tmp.write_bytes(_padded(b"{}", STATUS_FILE_SIZE))
+        os.link(tmp, path)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _overwrite(path: Path, data: bytes) -> bool:

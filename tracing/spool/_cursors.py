@@ -123,6 +123,12 @@ def reserve_cursor(segment: StrPath) -> int:
     return value or 0
 
 
+def reserve_new_cursor(segment: StrPath) -> None:
+    """Create the fixed-size cursor (at 0) of a segment about to be created: what a writer
+    does before creating each segment. Raises OSError if there is no room."""
+    _create_file(cursor_path(segment), _slot(0) * 2)
+
+
 def write_cursor(segment: StrPath, offset: int) -> None:
     """Record that ``segment`` is shipped up to ``offset``.
 

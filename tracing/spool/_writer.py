@@ -11,6 +11,7 @@ import threading
 import weakref
 from pathlib import Path
 
+from tracing.spool._cursors import cursor_path, reserve_new_cursor
 from tracing.spool._format import (
     DEFAULT_MAX_SEGMENT_BYTES,
     KIND_SEAL,
@@ -167,6 +168,10 @@ class SegmentWriter:
                 continue
             path = self.spool_dir / writer_segment_name(writer, self._pid, _next_seq())
             try:
+                # Its cursor first, at its fixed size: the shipper's progress in this segment
+                # can then always be written in place, even once the disk is full. No room
+                # for it: no segment (the append fails and its spans are counted as dropped).
+                reserve_new_cursor(path)
                 # O_EXCL: a segment is only ever written by the writer that created it, even
                 # with several writers in one process.
                 fd = os.open(path, flags, 0o600)
@@ -179,6 +184,10 @@ class SegmentWriter:
                 ensure_spool_dir(self.spool_dir)
                 recreated_dir = True
                 continue
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(cursor_path(path))
+                raise
             break
         with contextlib.suppress(OSError):
             os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask (e.g. 0o277)
