@@ -22,6 +22,8 @@ from tracing.shipping._delivery import (
     after_pause,
     backoff_delay,
     parse_retry_after,
+    request_timeout,
+    still_slow,
     verdict,
 )
 from tracing.shipping._reader import Item, SpoolReader
@@ -311,3 +313,77 @@ def test_http_transport_tells_whether_the_request_may_have_left(tmp_path, exc, m
     result = mock_transport(tmp_path, handler).send(b"x", 1)
     assert result.status is None and result.maybe_sent is maybe_sent
     assert type(exc).__name__ in (result.error or "")
+
+
+# --------------------------------------------------------------------------- a slow Langfuse
+
+
+def test_request_timeout_is_longer_in_a_slow_episode_and_bounded():
+    """The base timeout normally; four times it in a slow episode (at most 120 s, never
+    below the base); a stop deadline and the 0.2 s floor bound both."""
+    assert request_timeout(2.0, False) == 2.0
+    assert request_timeout(2.0, True) == 8.0
+    assert request_timeout(60.0, True) == 120.0
+    assert request_timeout(200.0, True) == 200.0
+    assert request_timeout(2.0, True, left=3.0) == 3.0
+    assert request_timeout(2.0, True, left=-1.0) == 0.2
+
+
+def test_slow_episode_starts_with_a_timeout_and_ends_with_a_prompt_answer():
+    """An unknown outcome starts (or continues) it; an answer within the base timeout ends
+    it; a later answer keeps it."""
+    assert still_slow(False, Verdict.UNKNOWN, 2.0, 2.0)
+    assert still_slow(True, Verdict.UNKNOWN, 8.0, 2.0)
+    assert still_slow(True, Verdict.DONE, 5.0, 2.0)
+    assert not still_slow(True, Verdict.DONE, 0.3, 2.0)
+    assert not still_slow(True, Verdict.BACK_OFF, 0.01, 2.0)
+    assert not still_slow(False, Verdict.DONE, 5.0, 2.0)
+
+
+class SlowLangfuse:
+    """Answers after ``latency`` seconds of the fake clock, and stores every request it got
+    even when the client gave up first (as Langfuse does): a timeout is an unknown outcome."""
+
+    def __init__(self, clock: FakeClock, latency: float) -> None:
+        self.clock = clock
+        self.latency = latency
+        self.stored: list[bytes] = []
+        self.timeouts: list[float] = []
+
+    def send(self, body: bytes, timeout: float) -> SendResult:
+        self.timeouts.append(timeout)
+        self.stored.extend(body.split(b"|")[1:])
+        if timeout < self.latency:
+            self.clock.now += timeout
+            return SendResult(None, error="ReadTimeout: timed out", maybe_sent=True)
+        self.clock.now += self.latency
+        return SendResult(200)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_slow_langfuse_costs_at_most_one_extra_copy_per_span(tmp_path):
+    """Langfuse answering after 5 s with LANGFUSE_TIMEOUT=2: the timed-out batch is offered
+    alone again (``unknown_batch``) and waited for 8 s, later batches too while Langfuse stays
+    slow; each span reaches it at most twice, the resent ones are counted, and a prompt
+    answer ends the episode."""
+    sender, _, clock, stats = sender_for(tmp_path, lambda spans: SendResult(200),
+                                         http_timeout=2)
+    slow = SlowLangfuse(clock, latency=5.0)
+    sender.transport = slow
+    first, second = items_in(tmp_path / "spool", 6)[:3], items_in(tmp_path / "spool", 6)[3:]
+    assert not sender.deliver(first)  # timed out after 2 s: stored, but we cannot know
+    assert sender.slow and sender.unknown_batch(sender.reader.cursor) == first
+    clock.now = sender.backoff.not_before
+    assert sender.deliver(sender.unknown_batch(sender.reader.cursor))
+    assert sender.unknown_batch(sender.reader.cursor) == []
+    assert sender.deliver(second)  # still slow: waited for, not timed out
+    assert slow.timeouts == [2.0, 8.0, 8.0]
+    copies = {span: slow.stored.count(span) for span in slow.stored}
+    assert max(copies.values()) == 2 and sum(copies.values()) == 6 + 3
+    assert stats.resent_spans == 3 and stats.shipped_spans == 6
+    slow.latency = 0.1
+    assert sender.deliver(items_in(tmp_path / "spool", 7)[6:])
+    assert not sender.slow and sender.deliver(items_in(tmp_path / "spool", 8)[7:])
+    assert slow.timeouts[-1] == 2.0  # the episode is over: the configured timeout again

@@ -362,3 +362,23 @@ def test_a_stop_that_leaves_records_says_how_many_and_where(receiver, spool, mak
         shipper.stop(0.2)
     [line] = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
     assert "3 span(s), 0 score(s) and 0 open task attempt(s)" in line and str(spool) in line
+
+
+def test_a_timed_out_batch_is_resent_alone_before_anything_new(receiver, spool, make_spans):
+    """Langfuse slower than LANGFUSE_TIMEOUT (it stores what it got after the client gave
+    up): the timed-out batch goes again alone, waited for longer, before the spans written
+    since; each span arrives at most twice, and the status counts the resent ones."""
+    receiver.set_latency(1.0)
+    first = make_spans(10)
+    shipper = shipper_for(receiver, spool, handoff_url="off", http_timeout=0.4)
+    assert not shipper.cycle()  # timed out after 0.4 s: an unknown outcome
+    later = make_spans(10)
+    shipper.drain(15)
+    receiver.wait_for_count(20, timeout=10)
+    posts = [r for r in receiver.trace_requests if r.span_count]
+    sent = [sorted(r.span_ids) for r in posts]
+    assert sent[:2] == [sorted(first)] * 2, "the unknown batch alone, twice"
+    assert sorted(i for ids in sent[2:] for i in ids) == sorted(later)
+    copies = receiver.observations_by_id()
+    assert max(len(c) for c in copies.values()) == 2 and len(copies) == 20
+    assert shipper.stats.resent_spans == 10
