@@ -63,7 +63,7 @@ class Config:
     environment: str | None = None
     release: str | None = None
     sample_rate: float = 1.0
-    http_timeout: float = 10.0
+    http_timeout: float = 5.0  # LANGFUSE_TIMEOUT; the SDK's default too (langfuse 5.x)
     traces_export_path: str | None = None  # LANGFUSE_OTEL_TRACES_EXPORT_PATH, as the SDK reads it
     spool_dir: Path = field(default_factory=default_spool_dir)
     spool_max_bytes: int = 1024**3
@@ -152,8 +152,9 @@ SETTINGS: tuple[Setting, ...] = (
             ("LANGFUSE_RELEASE",)),
     Setting("sample_rate", parse.number(0.0, 1.0), "`1.0`", "fraction of traces kept",
             (PREFIX + "SAMPLE_RATE", "LANGFUSE_SAMPLE_RATE")),
-    Setting("http_timeout", parse.number(low=0.1), "`10`",
-            "seconds one request to Langfuse may take", ("LANGFUSE_TIMEOUT",)),
+    Setting("http_timeout", parse.number(low=0.1), "`5`",
+            "seconds one request to Langfuse may take (the SDK's default too); while Langfuse "
+            "answers later, the shipper waits four times as long", ("LANGFUSE_TIMEOUT",)),
     Setting("traces_export_path", parse.text, "`/api/public/otel/v1/traces`",
             "where spans are posted, a path under the base URL (as the SDK reads it)",
             ("LANGFUSE_OTEL_TRACES_EXPORT_PATH",)),
