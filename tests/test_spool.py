@@ -543,7 +543,9 @@ def test_writer_is_lazy_and_creates_0600_files_in_a_0700_dir(tmp_path: Path) -> 
     assert seg is not None and seg.pid == os.getpid() and seg.writer == w.writer_id
     lock = spool / writer_lock_name(seg.writer)
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
-    assert sorted(p.name for p in spool.iterdir()) == sorted([path.name, lock.name])
+    cursor = cursor_path(path)  # reserved with the segment (see the cursor file spec)
+    assert stat.S_IMODE(cursor.stat().st_mode) == 0o600
+    assert sorted(p.name for p in spool.iterdir()) == sorted([path.name, lock.name, cursor.name])
     w.close()
 
 
