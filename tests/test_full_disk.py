@@ -7,6 +7,7 @@ produced. Mounting a tmpfs needs root: elsewhere the tests skip, saying so.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -85,6 +86,11 @@ def test_full_disk_loses_count_not_duplicates(
     first = run_echoes(env, 200)
     wait_until(lambda: (read_status(tiny_spool) or {}).get("dropped_in_writers"), timeout=30,
                what="the status (readable on the full disk) to count the dropped spans")
+    node = worker.name.replace("%h", socket.gethostname())
+    [answer] = producer(env).control.broadcast("langfuse_status", destination=[node],
+                                               reply=True, timeout=10, limit=1)
+    shipper = answer[node]["shipper"]
+    assert shipper["dropped_in_writers"].get("disk_full", 0) > 0 and shipper["lost_spans"] > 0
     receiver.set_fail_rate(0.0)
     caught_up(tiny_spool)
     later = run_echoes(env, 20)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from collections.abc import Sequence
 
@@ -85,10 +86,11 @@ class SpoolExporter(SpanExporter):
             return
         self._reported.add(kind)
         logger.error(
-            "celery-langfuse: cannot write to the trace spool %s (%s); spans are being dropped "
-            "(%d so far) but tasks keep running. Free disk space or point "
-            "CELERY_LANGFUSE_SPOOL_DIR at a writable directory.",
-            self.writer.spool_dir, exc, self.dropped_spans,
+            "celery-langfuse: cannot write to the trace spool %s (%s); tracing records are "
+            "being dropped (%d span(s) so far in process %d; every process's drops are counted "
+            "by cause in `python -m tracing status`) but tasks keep running. Free disk space "
+            "or point CELERY_LANGFUSE_SPOOL_DIR at a writable directory.",
+            self.writer.spool_dir, exc, self.dropped_spans, os.getpid(),
         )
 
     def shutdown(self) -> None:
