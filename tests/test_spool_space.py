@@ -206,3 +206,65 @@ def test_lost_records_counts_the_headers_in_unreadable_bytes():
     assert lost_records(span[:30] + span[:40] + other[:5]) == {KIND_SPAN: 2}
     assert lost_records(b"garbage") == {0: 1}
     assert lost_records(bytes(4096)) == {}
+
+
+def test_an_index_that_finds_a_punched_hole_takes_its_attempts_as_closed(tmp_path):
+    """The worker's main process reads segments on its own: an attempt it saw open whose
+    span was then shipped and punched out (zeros now) is closed, not left open for a later
+    WorkerLostError of the same task id to close again."""
+    from tracing.spool._attempts import AttemptIndex, OpenAttempt
+
+    attempt = OpenAttempt(task_id="t1", name="t.x", trace_id="ab" * 16, span_id="cd" * 8,
+                          parent_span_id=None, start_ns=1, attributes={})
+    writer = SegmentWriter(tmp_path)
+    writer.append(attempt.frame())
+    main_index = AttemptIndex(tmp_path, alive=lambda segment: True)
+    main_index.refresh()
+    assert main_index.find_task("t1") is not None
+    span = encode_frame(KIND_SPAN, bytes.fromhex("cd" * 8) + bytes(16) + b"\x02" * 5000)
+    writer.append(span + encode_frame(KIND_SPAN, bytes(24) + b"later"))
+    seg = writer.current_path
+    assert seg is not None
+    if not punch_prefix(seg, punchable(seg.stat().st_size - 40)):
+        pytest.skip("this filesystem cannot punch holes")
+    main_index.refresh()
+    assert main_index.find_task("t1") is None and main_index.was_closed("t1")
+    writer.close()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "cut", "not stored", "none"])
+def test_an_orphan_is_closed_with_what_the_spool_knows(tmp_path, damage):
+    """A dead writer's open attempt is closed as "span record unreadable" when corrupt bytes
+    or an unfinished record follow it, "span record not stored" when its writer counted
+    drops in the ledger, and "worker lost" only when nothing else is known."""
+    from tracing.spool._attempts import (
+        SPAN_CUT,
+        SPAN_UNREADABLE,
+        WORKER_LOST,
+        AttemptIndex,
+        OpenAttempt,
+        orphan_reason,
+    )
+
+    attempt = OpenAttempt(task_id="t1", name="t.x", trace_id="ab" * 16, span_id="cd" * 8,
+                          parent_span_id=None, start_ns=1, attributes={})
+    writer = SegmentWriter(tmp_path)
+    span = encode_frame(KIND_SPAN, bytes.fromhex("cd" * 8) + bytes(16) + b"\x02" * 50)
+    after = encode_frame(KIND_SPAN, bytes(24) + b"other")
+    writer.append(attempt.frame())
+    if damage == "corrupt":
+        writer.append(span[:-3] + b"xyz" + after)
+    elif damage == "cut":
+        writer.append(span[:-10])
+    elif damage == "not stored":
+        record_drops(tmp_path, writer.writer_id, {"disk_full": 2})
+    index = AttemptIndex(tmp_path, alive=lambda segment: False)
+    index.refresh()
+    [orphan] = index.orphans(0.0)
+    expected = {"corrupt": SPAN_UNREADABLE, "cut": SPAN_CUT, "none": WORKER_LOST}
+    reason = orphan_reason(index, orphan, tmp_path)
+    if damage == "not stored":
+        assert reason.startswith("span record not stored") and "disk_full: 2" in reason
+    else:
+        assert reason == expected[damage]
+    writer.close()

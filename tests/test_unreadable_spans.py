@@ -25,7 +25,7 @@ def flip_task_span(spool: Path) -> str:
     for path, _ in list_segments(spool):
         records = scan_file(path).records
         opened = [json.loads(r.payload)["span_id"] for r in records if r.kind == KIND_OPEN]
-        for record in records:
+        for record in records[:-1]:  # followed by a whole record: corrupt, not a torn tail
             if record.kind == KIND_SPAN and record.payload[:8].hex() in opened:
                 data = bytearray(path.read_bytes())
                 data[(record.offset + record.end) // 2] ^= 0x40

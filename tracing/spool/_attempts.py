@@ -52,6 +52,7 @@ from tracing.spool import (
     writer_alive,
 )
 from tracing.spool._drops import read_ledger
+from tracing.spool._space import PAGE
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -155,6 +156,7 @@ class AttemptIndex:
         self.spool_dir = spool_dir
         self.alive = alive
         self._read_to: dict[Path, int] = {}
+        self._torn_at: dict[Path, int] = {}  # segments ending in an unfinished record
         self._open: dict[str, _Tracked] = {}
         # When each dead writer was first seen dead. Writers already dead when this index was
         # built count from their last write, so a previous run's orphans close at once; a
@@ -177,6 +179,7 @@ class AttemptIndex:
                 self._read_segment(path, segment, opened, closed)
             for gone in set(self._read_to) - present:
                 del self._read_to[gone]
+                self._torn_at.pop(gone, None)
             for tracked in opened:
                 self._open[tracked.attempt.span_id] = tracked
                 self._count_started(tracked.attempt)
@@ -201,13 +204,24 @@ class AttemptIndex:
                     logger.warning("celery-langfuse: unreadable open-attempt record in %s", path)
                     continue
                 opened.append(_Tracked(attempt, path, segment, record.offset))
-        if result.corrupt:
+        for first, last in result.corrupt:
+            here = [t for t in [*opened, *self._open.values()] if t.segment == path]
+            if _punched(path, first, last):
+                # Punched out by the shipper (``_space``), whose own index saw every attempt
+                # before it closed (it never punches past an open one): closed, not open.
+                for tracked in here:
+                    if tracked.offset < last:
+                        closed.add(tracked.attempt.span_id)
+                continue
             # A span written after its attempt opened may be in those bytes: say so when the
             # attempt is closed, rather than blaming its process.
-            last_bad = max(first for first, _ in result.corrupt)
-            for tracked in [*opened, *self._open.values()]:
-                if tracked.segment == path and tracked.offset < last_bad:
+            for tracked in here:
+                if tracked.offset < first:
                     tracked.unreadable = True
+        if result.torn_tail:
+            self._torn_at[path] = result.end  # dropped again if the record completes
+        else:
+            self._torn_at.pop(path, None)
         self._read_to[path] = result.end
 
     def keep_from(self, path: Path) -> int:
@@ -219,11 +233,17 @@ class AttemptIndex:
             return min([self._read_to.get(path, 0), *needed])
 
     def why_open(self, span_id: str) -> str | None:
-        """What is known about why an attempt never closed: None, or ``"unreadable"`` (corrupt
-        bytes followed its start record)."""
+        """What is known about why an attempt never closed: None, ``"unreadable"`` (corrupt
+        bytes followed its start record) or ``"cut"`` (its segment ends in an unfinished
+        record after it)."""
         with self._lock:
             tracked = self._open.get(span_id)
-            return "unreadable" if tracked is not None and tracked.unreadable else None
+            if tracked is None:
+                return None
+            if tracked.unreadable:
+                return "unreadable"
+            torn = self._torn_at.get(tracked.segment)
+            return "cut" if torn is not None and tracked.offset < torn else None
 
     def writer_of(self, span_id: str) -> str | None:
         """The writer id of the segment an open attempt was read from (None if unknown)."""
@@ -321,6 +341,20 @@ class AttemptIndex:
             return [tracked.attempt for tracked in self._open.values()]
 
 
+def _punched(path: Path, first: int, last: int) -> bool:
+    """True if unreadable bytes ``[first, last)`` of ``path`` start in a punched hole: zeros
+    up to the next page boundary (holes are whole pages from the start of the file; the
+    record they cut may go on after them)."""
+    end = min(last, (first // PAGE + 1) * PAGE)
+    try:
+        with path.open("rb") as handle:
+            handle.seek(first)
+            chunk = handle.read(end - first)
+    except OSError:
+        return False
+    return len(chunk) == end - first and not chunk.strip(b"\x00")
+
+
 WORKER_LOST = (
     "worker lost: the process running this task exited before it finished "
     "(SIGKILL, OOM kill or crash); its outcome is unknown"
@@ -328,6 +362,10 @@ WORKER_LOST = (
 SPAN_UNREADABLE = (
     "span record unreadable: the spool holds corrupt bytes after this attempt's start record, "
     "where its span was most likely written (set aside in dead-letter/); its outcome is unknown"
+)
+SPAN_CUT = (
+    "span record unreadable: its segment ends in a record cut short after this attempt's start "
+    "record (its process died while writing, most likely this span); its outcome is unknown"
 )
 SPAN_NOT_STORED = (
     "span record not stored: the process running this task could not write {count} span(s) "
@@ -339,8 +377,9 @@ def orphan_reason(index: AttemptIndex, attempt: OpenAttempt, spool_dir: Path) ->
     """Why ``attempt``'s process left it open, as far as the spool can tell (never a guess
     dressed up as a cause): its span was in corrupt bytes, its process could not store spans
     (the drop ledger names it), or else the process died before the task ended."""
-    if index.why_open(attempt.span_id) == "unreadable":
-        return SPAN_UNREADABLE
+    why = index.why_open(attempt.span_id)
+    if why is not None:
+        return SPAN_UNREADABLE if why == "unreadable" else SPAN_CUT
     writer = index.writer_of(attempt.span_id)
     if writer:
         drops = {cause: n for (who, cause), n in read_ledger(spool_dir).items() if who == writer}
