@@ -39,6 +39,7 @@ from tracing.spool import (
     remove_dead_letter,
     scan_file,
 )
+from tracing.spool._drops import read_ledger, totals_by_cause
 from tracing.spool._exporter import SpoolExporter
 
 
@@ -128,6 +129,9 @@ def spool_report(spool_dir: Path) -> dict[str, Any]:
         "oldest_unshipped_age_s": oldest_age or 0,
         "dead_letter_files": len(letters),
         "dead_letter_records": sum(len(letter.records) for letter in letters),
+        # Running totals of spans writers could not store (read from the drop ledger, so
+        # they show even when no shipper could write its status).
+        "spans_dropped_by_writers": totals_by_cause(read_ledger(spool_dir)),
     }
 
 
