@@ -18,7 +18,7 @@ import pytest
 import tracing
 from tracing import load_config
 from tracing._config import Config
-from tracing.instrumentation import _runtime, _scores
+from tracing.instrumentation import _instrument, _producer, _runtime, _scores
 from tracing.shipping._delivery import SendResult, Verdict, event_results, event_verdict
 from tracing.shipping._reader import SpoolReader
 from tracing.shipping._score_sending import ScoreSender, ingestion_transport
@@ -338,12 +338,13 @@ def producer(config: Config, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[C
     """score_task as in a process that is not a worker, its shipper start recorded, not run."""
     started: list[Config] = []
     monkeypatch.setattr(_runtime, "current", lambda: None)  # not a worker, whatever ran before
-    monkeypatch.setattr(_scores, "_config", config)
-    monkeypatch.setattr(_scores, "_shipper", None)
-    monkeypatch.setattr(_scores, "_pid", 0)
-    monkeypatch.setattr(_scores, "_writers", {})
-    monkeypatch.setattr(_scores, "_start_shipper",
-                        lambda c: (started.append(c), setattr(_scores, "_shipper", False)))
+    monkeypatch.setattr(_instrument, "_config", None)
+    monkeypatch.setattr(_producer, "_config", config)
+    monkeypatch.setattr(_producer, "_shipper", None)
+    monkeypatch.setattr(_producer, "_pid", 0)
+    monkeypatch.setattr(_producer, "_writers", {})
+    monkeypatch.setattr(_producer, "_start_shipper",
+                        lambda c: (started.append(c), setattr(_producer, "_shipper", False)))
     yield started
 
 
@@ -381,10 +382,11 @@ def test_score_task_never_waits_for_a_hanging_langfuse(tmp_path, monkeypatch):
             "LANGFUSE_BASE_URL": receiver.base_url, "LANGFUSE_TIMEOUT": "1",
             "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path / "spool")})
         monkeypatch.setattr(_runtime, "current", lambda: None)
-        monkeypatch.setattr(_scores, "_config", config)
-        monkeypatch.setattr(_scores, "_shipper", None)
-        monkeypatch.setattr(_scores, "_pid", 0)
-        monkeypatch.setattr(_scores, "_writers", {})
+        monkeypatch.setattr(_instrument, "_config", None)
+        monkeypatch.setattr(_producer, "_config", config)
+        monkeypatch.setattr(_producer, "_shipper", None)
+        monkeypatch.setattr(_producer, "_pid", 0)
+        monkeypatch.setattr(_producer, "_writers", {})
         try:
             durations = []
             for i in range(5):
@@ -395,7 +397,7 @@ def test_score_task_never_waits_for_a_hanging_langfuse(tmp_path, monkeypatch):
             receiver.set_latency(0)
             scores = receiver.wait_for_scores(5, timeout=30)
         finally:
-            shipper = _scores._shipper
+            shipper = _producer._shipper
             if shipper:
                 shipper.stop(1.0)
         assert sorted(s["traceId"] for s in scores) == sorted(
@@ -468,6 +470,6 @@ def test_in_a_worker_the_score_goes_to_the_worker_spool_and_wakes_its_shipper(
     runtime = SimpleNamespace(config=config, shipper=SimpleNamespace(
         wake=lambda: woken.append(True)))
     monkeypatch.setattr(_runtime, "current", lambda: runtime)
-    monkeypatch.setattr(_scores, "_config", None)
+    monkeypatch.setattr(_producer, "_config", None)
     tracing.score_task("task-9", "helpful", 1.0)
     assert unshipped(config) == 1 and woken == [True] and producer == []
