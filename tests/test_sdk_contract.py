@@ -146,6 +146,29 @@ def test_pinned_ids_make_a_parentless_span_with_a_chosen_trace_id(wired):
              "the pinned ids were not used")
 
 
+def test_bound_public_key_picks_the_client_of_get_client(wired):
+    """With two clients in the process, get_client() returns the bound key's client (not the
+    disabled one it gives when it cannot tell), and the binding undoes cleanly."""
+    from langfuse import get_client
+
+    client, exporter, key = wired
+    other = f"pk-lf-contract-{uuid.uuid4().hex[:8]}"
+    Langfuse(public_key=other, secret_key="sk", base_url="http://127.0.0.1:9",
+             tracer_provider=TracerProvider(), span_exporter=Collect())
+    try:
+        token = _sdk.bind_public_key(key)
+        try:
+            with get_client().start_as_current_observation(name="bound"):
+                pass
+        finally:
+            _sdk.unbind_public_key(token)
+        client.flush()
+        contract([s.name for s in exporter.spans] == ["bound"],
+                 "get_client._current_public_key no longer picks the client")
+    finally:
+        _sdk.forget_client(other)
+
+
 def test_media_router_reports_a_failed_spool_write():
     """A span batch whose spool write failed is never reported as exported."""
     class Failing(Collect):

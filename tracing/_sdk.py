@@ -23,6 +23,9 @@ private name                                   why
                                                receives (another tracer's span)
 ``langfuse._client.attributes``                the attribute names the SDK writes
 ``langfuse._client.propagation``               the baggage key of the SDK's root claim
+``langfuse._client.get_client``                the public key ``get_client()`` picks in a
+``._current_public_key``                        context (an eager task's client, as
+                                               ``@observe`` binds it)
 =============================================  =============================================
 """
 
@@ -184,3 +187,17 @@ def root_claim_baggage_key() -> str:
     from langfuse._client.propagation import LANGFUSE_TRACE_ID_BAGGAGE_KEY
 
     return str(LANGFUSE_TRACE_ID_BAGGAGE_KEY)
+
+
+def bind_public_key(public_key: str) -> Any:
+    """Make ``get_client()`` (no key) return the client of ``public_key`` in this context, as
+    ``@observe`` does; returns the token :func:`unbind_public_key` takes."""
+    from langfuse._client.get_client import _current_public_key
+
+    return _current_public_key.set(public_key)
+
+
+def unbind_public_key(token: Any) -> None:
+    from langfuse._client.get_client import _current_public_key
+
+    _current_public_key.reset(token)

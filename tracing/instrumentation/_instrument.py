@@ -18,6 +18,7 @@ from celery import Celery, signals
 from tracing._config import Config, ConfigError, load_config
 from tracing.instrumentation import _runtime
 from tracing.instrumentation._beat import connect_beat_handler
+from tracing.instrumentation._eager import after_eager_postrun, on_eager_postrun, on_eager_prerun
 from tracing.instrumentation._propagation import (
     connect_publish_handler,
     disconnect_publish_handler,
@@ -118,9 +119,14 @@ def is_instrumented(app: Celery) -> bool:
     return id(app) in _apps
 
 
+# In this order: Celery calls a signal's receivers in the order they were connected, and the
+# eager handlers prepare an attempt before _task_tracing opens it and wake after it ends.
 _TASK_SIGNALS: list[tuple[Any, Callable[..., Any]]] = [
+    (signals.task_prerun, on_eager_prerun),
     (signals.task_prerun, on_task_prerun),
+    (signals.task_postrun, on_eager_postrun),
     (signals.task_postrun, on_task_postrun),
+    (signals.task_postrun, after_eager_postrun),
     (signals.task_failure, on_task_failure),
     (signals.task_retry, on_task_retry),
     (signals.task_internal_error, on_task_internal_error),

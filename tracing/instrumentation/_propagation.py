@@ -8,6 +8,11 @@ context, so a producer inside an observation gets the task as its child, and
 version, join) and ``celery_langfuse_sent_at`` (the publish time, epoch seconds as text, from
 which the worker computes how long the message waited in the queue).
 
+A message may carry a pinned parent, ``celery_langfuse_parent`` (a ``traceparent``): a chord
+callback's, set by the process that sent the chord (``_canvas``). It is used instead of the
+current context for that one publish and dropped, so a retry of that task hangs under the
+attempt before, as every retry does.
+
 Where the headers go, and why only at the top level: Celery (5.x, protocol 2) merges custom
 headers flat into the message headers; the worker's ``Context`` then takes as
 ``request.headers`` every message header that is not one of Celery's own, *unless* the message
@@ -46,6 +51,7 @@ logger = logging.getLogger("celery_langfuse")
 
 ATTRIBUTES_HEADER = "celery_langfuse"
 SENT_AT_HEADER = "celery_langfuse_sent_at"
+PARENT_HEADER = "celery_langfuse_parent"
 _W3C_KEYS = ("traceparent", "tracestate")
 _propagator = TraceContextTextMapPropagator()
 
@@ -133,14 +139,25 @@ def trace_attributes(
         _current.reset(token)
 
 
+def current_attributes() -> TraceAttributes | None:
+    """The trace attributes in force here (``trace_attributes`` blocks), if any."""
+    return _current.get()
+
+
 def connect_publish_handler() -> None:
-    """Connect the ``before_task_publish`` handler (idempotent)."""
+    """Connect the ``before_task_publish`` handler and wrap the canvas sends (idempotent)."""
+    from tracing.instrumentation import _canvas  # it builds on this module
+
     signals.before_task_publish.connect(_on_before_publish, weak=False,
                                         dispatch_uid="celery_langfuse.publish")
+    _canvas.install()
 
 
 def disconnect_publish_handler() -> None:
+    from tracing.instrumentation import _canvas
+
     signals.before_task_publish.disconnect(dispatch_uid="celery_langfuse.publish")
+    _canvas.uninstall()
 
 
 _publish_observation = False
@@ -162,7 +179,10 @@ def _on_before_publish(
     try:
         if headers is None:
             return
-        if _publish_observation and otel_trace.get_current_span().is_recording():
+        pinned = headers.pop(PARENT_HEADER, None)
+        if pinned is not None:
+            inject(headers, traceparent=str(pinned))
+        elif _publish_observation and otel_trace.get_current_span().is_recording():
             _inject_under_enqueue(str(sender), headers, routing_key, exchange)
         else:
             inject(headers)
@@ -187,11 +207,14 @@ def _inject_under_enqueue(
         enqueue.end()
 
 
-def inject(headers: MutableMapping[str, Any]) -> None:
-    """Write the current trace context and attributes into the message's top-level headers
-    (never a nested ``headers`` dict: see the module docstring)."""
+def inject(headers: MutableMapping[str, Any], traceparent: str | None = None) -> None:
+    """Write the current trace context (or ``traceparent``) and attributes into the message's
+    top-level headers (never a nested ``headers`` dict: see the module docstring)."""
     carrier: dict[str, str] = {SENT_AT_HEADER: f"{time.time():.6f}"}
-    _propagator.inject(carrier)
+    if traceparent:
+        carrier["traceparent"] = traceparent
+    else:
+        _propagator.inject(carrier)
     attrs = _current.get()
     if attrs is not None:
         carrier[ATTRIBUTES_HEADER] = attrs.to_json()

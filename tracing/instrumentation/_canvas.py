@@ -1,0 +1,248 @@
+"""Canvases as Langfuse shows them: a group or a chord is ONE trace, its members siblings.
+
+Celery gives each member of a group (or chord header) sent from outside a task a ``root_id``
+of its own, so by the task rule alone (``_task_span``) each member would be a trace of its
+own. Instead, the process that sends the canvas decides where its members hang, when it
+publishes them (``group.apply_async`` / ``group.apply``, which a chord's ``run`` and
+``apply`` go through; wrapped by :func:`install`):
+
+=============================================  ================================================
+the canvas is sent                             its members (and a chord's callback) hang under
+=============================================  ================================================
+from inside an observation (a producer's, or   that observation: siblings, no extra root
+a task's: a chord sent by a chain link)
+from outside any trace                         the **canvas root**: a parentless observation
+                                               written by the sender, ids derived from the
+                                               group id (below), name ``chord: a ×4 → b`` /
+                                               ``group: a ×3`` (or the ``trace_name`` of
+                                               ``trace_attributes``), input the members,
+                                               output the ids sent; type ``chain`` for a
+                                               chord, ``span`` for a group
+while another canvas is being sent (a chord    a canvas node of its own under the outer one
+inside a group)                                (same rule, one level down)
+=============================================  ================================================
+
+**Ids any process can derive**: trace id ``trace_id_for(group_id)`` and observation id
+``root_observation_id_for(group_id)`` (``_task_span``), the group id being the id of the
+``GroupResult`` (for a chord, ``result.parent.id``). A group id is a fresh uuid, never a task
+id, so it names no task's trace. A sender that passes ``root_id=`` to ``apply_async`` (the
+old way to keep a chord in one trace) gets ``trace_id_for(root_id)`` instead: the same trace
+id as before, now with the members as siblings under the canvas root.
+
+**The chord callback hangs under the canvas root** (a sibling of the members), not under
+the member whose completion happened to fire it: in Langfuse the root's children then read
+as the canvas (the members, then the callback), the callback's time is not counted inside a
+member that did not do that work, and where it hangs does not depend on which member ended
+last. The callback is published by that member's worker, inside the member's observation,
+so the sender pins the callback's parent: a ``celery_langfuse_parent`` header
+(a ``traceparent``) in the callback signature's options, which every member message
+carries; ``_propagation`` uses it once, for the callback's own publish, and drops it, so a
+retry of the callback hangs under the attempt before, as every retry does.
+
+**Durable at the sender**: the root is one span record appended to the producer's spool
+(``_producer``: the worker's spool in a worker, else this process's shipper thread, a last
+bounded attempt at exit, then the hand-off store), written when the members are published
+(start and end: the publish). It is written only when this process has Langfuse keys (a
+shipper could not send it otherwise); without them the members keep the task rule and one
+warning says so. Cost at publish: ``python -m bench.publish`` (canvas row); nothing is added
+to a plain task's send (only ``group.apply_async`` is wrapped).
+"""
+
+# ruff: noqa: RUF002  (the canvas names Langfuse shows use the multiplication sign)
+from __future__ import annotations
+
+import collections
+import contextvars
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import uuid4
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+from tracing.instrumentation import _producer
+from tracing.instrumentation._canvas_span import canvas_frame
+from tracing.instrumentation._propagation import PARENT_HEADER
+from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
+
+__all__ = ["install", "pin_parent", "publish", "uninstall"]
+
+logger = logging.getLogger("celery_langfuse")
+
+
+@dataclass
+class Node:
+    """A canvas being published by this process, with a node of its own in the trace."""
+
+    kind: str  # "group" / "chord"
+    group_id: str
+    members: list[Any]
+    callback: Any
+    trace_id: int
+    span_id: int
+    parent_span_id: int | None
+    absorb_header: bool = False  # an eager chord: its header group is this same canvas
+    started_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def context(self) -> SpanContext:
+        return SpanContext(self.trace_id, self.span_id, is_remote=False,
+                           trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+_active: contextvars.ContextVar[Node | None] = contextvars.ContextVar(
+    "celery_langfuse_canvas", default=None)
+_written: collections.OrderedDict[str, None] = collections.OrderedDict()
+_originals: dict[tuple[type, str], Callable[..., Any]] = {}
+_warned = False
+
+
+def install() -> None:
+    """Wrap ``group.apply_async``, ``group.apply`` and ``chord.apply`` (idempotent)."""
+    from celery.canvas import _chord, group
+
+    _wrap(group, "apply_async", _group_call)
+    _wrap(group, "apply", _group_call)
+    _wrap(_chord, "apply", _eager_chord_call)
+
+
+def uninstall() -> None:
+    for (cls, name), original in list(_originals.items()):
+        setattr(cls, name, original)
+    _originals.clear()
+
+
+def _wrap(cls: type, name: str, make: Callable[..., Any]) -> None:
+    if (cls, name) in _originals:
+        return
+    original = getattr(cls, name)
+    _originals[(cls, name)] = original
+    setattr(cls, name, functools.wraps(original)(make(original)))
+
+
+def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **options: Any) -> Any:
+        try:
+            tasks = _members(self)
+            if not tasks:
+                return original(self, *args, **options)
+            group_id = options.get("task_id") or self.options.get("task_id") or str(uuid4())
+            options["task_id"] = group_id
+            callback = tasks[0].options.get("chord") if hasattr(tasks[0], "options") else None
+            kind = "chord" if callback is not None else "group"
+            root_id = options.get("root_id") or self.options.get("root_id")
+        except Exception:
+            logger.exception("celery-langfuse: could not read the canvas; sent as it is")
+            return original(self, *args, **options)
+        return publish(kind, group_id, tasks, callback,
+                       lambda: original(self, *args, **options), root_id=root_id)
+
+    return call
+
+
+def _eager_chord_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, args: Any = None, kwargs: Any = None, propagate: bool = True,
+             body: Any = None, **options: Any) -> Any:
+        def run() -> Any:
+            return original(self, args, kwargs, propagate=propagate, body=body, **options)
+        try:
+            tasks = _members(self.tasks)
+            callback = self.body if body is None else body
+        except Exception:
+            logger.exception("celery-langfuse: could not read the chord; run as it is")
+            return run()
+        return publish("chord", str(uuid4()), tasks, callback, run, absorb_header=True)
+
+    return call
+
+
+def _members(canvas: Any) -> list[Any]:
+    tasks = getattr(canvas, "tasks", canvas)
+    return list(tasks) if isinstance(tasks, Iterable) else []
+
+
+def publish(
+    kind: str, group_id: str, members: list[Any], callback: Any, send: Callable[[], Any],
+    *, absorb_header: bool = False, root_id: str | None = None,
+) -> Any:
+    """Send a canvas by ``send()`` in the context its members must hang in (table above);
+    a top-level root's ids come from ``root_id`` when the sender gave one, else the group id."""
+    active = _active.get()
+    current = otel_trace.get_current_span().get_span_context()
+    inside_active = active is not None and current == active.context
+    if inside_active and active is not None and (
+            active.group_id == group_id or active.absorb_header):
+        active.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
+        return send()
+    if current.is_valid and not inside_active:
+        _safely(pin_parent, callback, current)  # no extra root: under the sender's observation
+        return send()
+    config = _producer.current_config()
+    if not (config.enabled and config.has_keys):
+        _warn_no_keys()
+        return send()
+    parent = active if inside_active else None
+    tree = group_id if parent else (root_id or group_id)
+    node = Node(kind, group_id, members, callback,
+                parent.trace_id if parent else int(trace_id_for(tree), 16),
+                int(root_observation_id_for(tree), 16),
+                parent.span_id if parent else None, absorb_header)
+    _safely(pin_parent, callback, node.context)
+    token = _active.set(node)
+    otel_token = otel_context.attach(otel_trace.set_span_in_context(NonRecordingSpan(node.context)))
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = send()
+        return result
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        otel_context.detach(otel_token)
+        _active.reset(token)
+        _safely(_write, config, node, result, error)
+
+
+def pin_parent(callback: Any, parent: SpanContext) -> None:
+    """Make ``parent`` the parent of the chord callback ``callback`` when it is published."""
+    if callback is None or not hasattr(callback, "options"):
+        return
+    headers = dict(callback.options.get("headers") or {})
+    headers[PARENT_HEADER] = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-01"
+    callback.options["headers"] = headers
+
+
+def _write(config: Any, node: Node, result: Any, error: BaseException | None) -> None:
+    if node.group_id in _written:
+        return  # the same frozen canvas sent twice: one root
+    _written[node.group_id] = None
+    while len(_written) > 1000:
+        _written.popitem(last=False)
+    if not _producer.sampled(config, f"{node.trace_id:032x}"):
+        return
+    _producer.write(config, canvas_frame(config, node, result, error))
+
+
+def _safely(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("celery-langfuse: %s failed; the canvas is sent unaffected",
+                         getattr(fn, "__name__", fn))
+
+
+def _warn_no_keys() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(
+            "celery-langfuse: a canvas (group/chord) was sent from a process without "
+            "LANGFUSE_PUBLIC_KEY / LANGFUSE_SECRET_KEY: its root observation cannot be "
+            "shipped from here, so each member is a trace of its own. Set the keys in the "
+            "sending process to see the canvas as one trace.")
