@@ -398,29 +398,6 @@ def test_chain_trace_is_named_after_its_first_task_with_its_input(app, module_re
     assert not any(o.is_app_root for o in trace.observations if o.id != trace.roots[0].id)
 
 
-def test_chord_is_one_tree_under_its_first_member(app, module_receiver):
-    """A chord whose root id names its first member is one trace with one root; the other
-    members hang under it and the callback under the member that completed the chord."""
-    from celery import chord
-
-    first = str(uuid.uuid4())
-    header = [app.signature("t.add", args=[i, i]) for i in range(3)]
-    header[0].set(task_id=first)
-    result = chord(header, app.signature("t.chain_step", args=[9])).apply_async(root_id=first)
-    result.get(timeout=30)
-    trace_id = tracing.trace_id_for(first)
-    module_receiver.wait_for(
-        lambda obs: len([o for o in obs if o.trace_id == trace_id]) >= 5,
-        timeout=30, what="three members, the callback and its generation")
-    trace = module_receiver.trace(trace_id)
-    [root] = trace.roots
-    assert root.metadata.get("task_id") == first and trace.name == "t.add"
-    members = [o for o in trace.observations if o.name == "t.add" and o.id != root.id]
-    assert len(members) == 2 and all(m.parent_observation_id == root.id for m in members)
-    [callback] = [o for o in trace.observations if o.name == "t.chain_step"]
-    assert callback.parent_observation_id in {root.id, *(m.id for m in members)}
-
-
 def test_retry_attempt_hangs_under_the_attempt_before(app, module_receiver):
     """Attempt 2 of a retried root task is a child of attempt 1, never a second root."""
     task_id = run(app, "t.retry")

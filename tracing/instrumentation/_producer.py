@@ -49,17 +49,20 @@ _warned: set[str] = set()
 
 
 def current_config() -> Config:
-    """The configuration in force: the runtime's, else ``instrument()``'s (the latest call),
-    else the environment's (read once)."""
+    """The configuration in force: a worker's runtime's, else ``instrument()``'s (the latest
+    call), else the eager runtime's, else the environment's (read once)."""
     from tracing.instrumentation import _instrument  # it imports the task handlers, which use us
 
     global _config
     runtime = _runtime.current()
-    if runtime is not None:
+    if _in_worker(runtime):
+        assert runtime is not None
         return runtime.config
     if _config is None:
         if _instrument._config is not None:
             return _instrument._config
+        if runtime is not None:
+            return runtime.config
         _config = load_config()
     return _config
 

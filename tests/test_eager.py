@@ -1,0 +1,106 @@
+"""Eager tasks (``task_always_eager``, ``task.apply()``) traced like a worker run, seen by the
+``langfuse_receiver`` fixture in a user's own test (run here as a user would: pytest in a
+project directory with no conftest, the plugin from the installed package)."""
+
+# ruff: noqa: RUF001  (canvas names use the multiplication sign)
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+USER_TESTS = '''
+import pytest
+from celery import Celery, group
+from langfuse import Langfuse, get_client
+
+import tracing
+
+app = Celery("users_app", broker="memory://", backend="cache+memory://")
+app.conf.task_always_eager = True
+
+
+@app.task(name="users.summarize")
+def summarize(text):
+    with get_client().start_as_current_observation(
+            name="llm", as_type="generation", model="m", input=text) as generation:
+        generation.update(output=text[:5])
+    return text[:5]
+
+
+@app.task(name="users.flaky", bind=True, max_retries=1)
+def flaky(self):
+    if self.request.retries == 0:
+        raise self.retry(exc=ValueError("first try"), countdown=0)
+    return "ok"
+
+
+@pytest.fixture
+def traced(langfuse_receiver, tmp_path):
+    tracing.instrument(app, public_key=langfuse_receiver.public_key,
+                       secret_key=langfuse_receiver.secret_key,
+                       base_url=langfuse_receiver.base_url, spool_dir=tmp_path / "spool")
+    yield langfuse_receiver
+    tracing.uninstrument(app)
+
+
+def test_eager_task_is_one_observation_with_the_sdk_call_nested(traced):
+    """An eager .delay(): the task's observation is its trace's root, the generation under it."""
+    result = summarize.delay("hello world")
+    assert result.get() == "hello"
+    [task] = traced.wait_for_count(1, name="users.summarize")
+    [generation] = traced.wait_for_count(1, name="llm")
+    assert task.parent_observation_id is None
+    assert task.trace_id == tracing.trace_id_for(result.id)
+    assert generation.parent_observation_id == task.id
+    trace = traced.trace(task.trace_id)
+    assert (trace.name, trace.output) == ("users.summarize", "hello")
+
+
+def test_apply_inside_an_observation_is_its_child(traced):
+    """task.apply() inside the caller's observation is that observation's child."""
+    client = Langfuse(public_key=traced.public_key, secret_key=traced.secret_key,
+                      base_url=traced.base_url)
+    with client.start_as_current_observation(name="caller") as caller:
+        summarize.apply(args=["inside"])
+    [task] = traced.wait_for_count(1, name="users.summarize")
+    assert task.parent_observation_id == caller.id and task.trace_id == caller.trace_id
+
+
+def test_eager_retry_is_two_attempts_in_one_trace(traced):
+    """An eager retry: attempt 2 hangs under attempt 1, in the same trace."""
+    result = flaky.delay()
+    assert result.get() == "ok"
+    first, second = sorted(traced.wait_for_count(2, name="users.flaky"),
+                           key=lambda o: o.metadata["attempt"])
+    assert first.level == "WARNING" and first.parent_observation_id is None
+    assert second.parent_observation_id == first.id and second.trace_id == first.trace_id
+
+
+def test_eager_group_is_one_trace(traced):
+    """An eager group: one trace, the members siblings under the canvas root."""
+    result = group(summarize.s(t) for t in ("a text", "b text")).apply_async()
+    assert result.get() == ["a tex", "b tex"]
+    [root] = traced.wait_for_count(1, name="group: users.summarize ×2")
+    members = traced.wait_for_count(2, name="users.summarize")
+    assert {m.parent_observation_id for m in members} == {root.id}
+    assert root.parent_observation_id is None
+'''
+
+
+def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> None:
+    """A user's eager-mode tests, with only the `langfuse_receiver` fixture, see each task's
+    observation, the SDK calls under it, retries and an eager group as one trace."""
+    (tmp_path / "test_users_tasks.py").write_text(textwrap.dedent(USER_TESTS))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:celery",
+         str(tmp_path / "test_users_tasks.py")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 passed" in result.stdout
