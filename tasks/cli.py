@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import click
-from celery import Celery, uuid
+from celery import Celery
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import GroupResult
 from kombu.exceptions import OperationalError
 from kombu.utils.url import maybe_sanitize_url
 
@@ -43,11 +44,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclass(frozen=True)
 class EnqueueResult:
-    """Where a sent job went: its task id (the root of its task tree), trace id, trace URL."""
+    """Where a sent job went: the id of the task whose result is the job's (a chain's last
+    link, a chord's callback), the trace id, the trace URL, and the id the trace id is
+    derived from (`tracing.trace_id_for(root_id)`: a task's own id, a chain's first link, a
+    chord's group id)."""
 
     task_id: str
     trace_id: str
     url: str | None
+    root_id: str
 
 
 def producer_app(env: Mapping[str, str] | None = None) -> Celery:
@@ -122,33 +127,36 @@ def enqueue(
 ) -> EnqueueResult:
     """Validate and send one job (summarize, classify, agent, chain, chord) to the broker.
 
-    The trace attributes go into the message headers; a workflow's tasks all get the
-    returned task id as root id, so they land in one trace whose id `tracing.trace_id_for`
-    derives from it. Raises `InvalidJobInput` for a bad job name or argument.
+    The trace attributes go into the message headers. A workflow is sent as a user would
+    write it (`chord(...).apply_async()`): tracing puts a chord in one trace under a root
+    observation of its own, derived from its group id; a chain's trace is its first link's.
+    Raises `InvalidJobInput` for a bad job name or argument.
     """
     app = app or producer_app()
     with tracing.trace_attributes(user_id=user_id, session_id=session_id, tags=tuple(tags or ())):
-        task_id = _send(job_name, app, kwargs)
-    trace_id = tracing.trace_id_for(task_id)
-    return EnqueueResult(task_id=task_id, trace_id=trace_id, url=trace_url(trace_id))
+        task_id, root_id = _send(job_name, app, kwargs)
+    trace_id = tracing.trace_id_for(root_id)
+    return EnqueueResult(task_id=task_id, trace_id=trace_id, url=trace_url(trace_id),
+                         root_id=root_id)
 
 
-def _send(job_name: str, app: Celery, kwargs: Mapping[str, Any]) -> str:
+def _send(job_name: str, app: Celery, kwargs: Mapping[str, Any]) -> tuple[str, str]:
+    """Send the job; (the id of its result's task, the id its trace id derives from)."""
     if job_name in TASK_JOBS:
         task_name, validate = TASK_JOBS[job_name]
         _bind(job_name, validate, kwargs)
-        return str(app.send_task(task_name, kwargs=validate(**kwargs)).id)
+        task_id = str(app.send_task(task_name, kwargs=validate(**kwargs)).id)
+        return task_id, task_id
     if job_name in CANVAS_JOBS:
         build = CANVAS_JOBS[job_name]
         _bind(job_name, build, kwargs)
-        canvas = build(**kwargs, app=app)
-        # Left alone, each chord header task would be its own root (and its own trace). The
-        # root must be a task of the canvas (the trace's root observation is its first
-        # attempt), so the first task to run gets a known id and is every task's root.
-        task_id = uuid()
-        canvas.tasks[0].set(task_id=task_id)
-        canvas.apply_async(root_id=task_id)
-        return task_id
+        result = build(**kwargs, app=app).apply_async()
+        if isinstance(result.parent, GroupResult):
+            return str(result.id), str(result.parent.id)  # a chord: its callback, its group
+        first = result
+        while first.parent is not None:  # a chain: its first link
+            first = first.parent
+        return str(result.id), str(first.id)
     raise InvalidJobInput(f"unknown job {job_name!r}: expected one of {', '.join(JOB_NAMES)}")
 
 

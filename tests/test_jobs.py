@@ -1,9 +1,11 @@
 """The LLM jobs in a real prefork worker (`worker` app) on real Redis, traced end to end."""
 
+# ruff: noqa: RUF001  (canvas names use the multiplication sign)
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -66,18 +68,36 @@ def test_research_agent_nests_tools_and_generations(start_worker, job_env, recei
     assert {"tool", "generation"} <= {o.type for o in children}
 
 
+@pytest.fixture
+def traced_producer(job_env, monkeypatch) -> Iterator[None]:
+    """This test process as a producer with the worker's keys and spool, as the `tasks`
+    CLI is in the demo: it writes a canvas's root observation."""
+    from tracing.instrumentation import _instrument, _producer
+
+    monkeypatch.setattr(_instrument, "_config", tracing.load_config(environ=job_env))
+    for name, value in (("_shipper", None), ("_pid", 0), ("_writers", {}), ("_config", None)):
+        monkeypatch.setattr(_producer, name, value)
+    yield
+    if _producer._shipper:
+        _producer._shipper.stop(1.0)
+
+
 def test_chord_of_five_is_one_trace_with_correct_parents(
-        start_worker, job_env, receiver, producer):
-    """A chord of 5 summaries + combine lands in one trace, every task in it."""
+        start_worker, job_env, receiver, producer, traced_producer):
+    """A chord of 5 summaries + combine sent as a user writes it lands in one trace: the
+    summaries and the combine step siblings under the chord's root."""
     start_worker("worker", env=job_env)
     texts = [f"{TEXT} Document number {i} is here." for i in range(5)]
     job = enqueue("chord", app=producer, texts=texts)
     producer.AsyncResult(job.task_id).get(timeout=90)
-    observations = in_trace(receiver, job.trace_id, 12, "5 summaries, combine, generations")
+    observations = in_trace(receiver, job.trace_id, 13,
+                            "the root, 5 summaries, combine, generations")
     summaries = [o for o in observations if o.name == "tasks.summarize"]
     [combine] = [o for o in observations if o.name == "tasks.combine_summaries"]
     assert len(summaries) == 5
-    assert combine.parent_observation_id in {s.id for s in summaries}
+    [root] = [o for o in observations if o.parent_observation_id is None]
+    assert root.name == "chord: tasks.summarize ×5 → tasks.combine_summaries"
+    assert {o.parent_observation_id for o in [*summaries, combine]} == {root.id}
     for task in [*summaries, combine]:
         assert any(o.parent_observation_id == task.id and o.type == "generation"
                    for o in observations)

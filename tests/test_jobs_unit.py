@@ -319,24 +319,29 @@ def test_enqueue_sends_by_name_with_trace_headers(
     assert sent.url == f"http://langfuse.local/trace/{sent.trace_id}"
 
 
-def test_enqueue_gives_a_whole_chord_one_root(
+def test_enqueue_sends_a_chord_as_a_user_writes_it(
     memory_app: Celery, published: list[dict[str, Any]]
 ) -> None:
-    """Every task of a chord gets the returned task id as root id, hence one trace."""
+    """A chord is sent with a plain apply_async (no root_id= workaround): the returned task id
+    is its callback's, and its trace id derives from the group id every member carries."""
     sent = enqueue("chord", app=memory_app, texts=["One text.", "Another text."])
     assert [h["task"] for h in published] == ["tasks.summarize", "tasks.summarize"]
-    assert {h["root_id"] for h in published} == {sent.task_id}
-    assert sent.trace_id == Langfuse.create_trace_id(seed=sent.task_id)
+    assert all(h["root_id"] == h["id"] for h in published)  # Celery's own root ids
+    assert {h["group"] for h in published} == {sent.root_id}
+    assert sent.task_id not in {h["id"] for h in published}
+    assert sent.trace_id == Langfuse.create_trace_id(seed=sent.root_id)
 
 
-def test_enqueue_chain_roots_at_the_returned_task(
+def test_enqueue_chain_roots_at_its_first_link(
     memory_app: Celery, published: list[dict[str, Any]]
 ) -> None:
-    """The chain's first task is rooted at the id the caller gets back."""
+    """A chain's trace derives from its first link (Celery's root id); the returned task id
+    is its last link's, whose result is the job's."""
     sent = enqueue("chain", app=memory_app, text=TEXT, labels=["billing", "other"])
     (headers,) = published
     assert headers["task"] == "tasks.classify"
-    assert headers["root_id"] == sent.task_id
+    assert headers["root_id"] == headers["id"] == sent.root_id != sent.task_id
+    assert sent.trace_id == Langfuse.create_trace_id(seed=sent.root_id)
 
 
 @pytest.mark.parametrize(

@@ -299,10 +299,13 @@ def _sent(job: Job, proc: subprocess.Popen[str]) -> Sent:
     if not lines:
         raise DemoError(f"the producer for {job.label!r} printed nothing: {err.strip()}")
     if lines[-1].startswith("{"):
-        task_id = str(json.loads(lines[-1])["task_id"])
+        printed = json.loads(lines[-1])
+        task_id = str(printed["task_id"])
+        trace_id = str(printed.get("trace_id") or _trace_id(task_id))  # a chord's: its group's
     else:
         task_id = lines[-1].strip()  # `celery call` prints the task id alone
-    return Sent(job, task_id, _trace_id(task_id))
+        trace_id = _trace_id(task_id)
+    return Sent(job, task_id, trace_id)
 
 
 def _trace_id(task_id: str) -> str:

@@ -4,7 +4,8 @@ Celery gives each member of a group (or chord header) sent from outside a task a
 of its own, so by the task rule alone (``_task_span``) each member would be a trace of its
 own. Instead, the process that sends the canvas decides where its members hang, when it
 publishes them (``group.apply_async`` / ``group.apply``, which a chord's ``run`` and
-``apply`` go through; wrapped by :func:`install`):
+``apply`` go through; ``chord.run`` and ``chord.apply`` too, for the callback; wrapped by
+:func:`install`):
 
 =============================================  ================================================
 the canvas is sent                             its members (and a chord's callback) hang under
@@ -97,6 +98,8 @@ class Node:
 
 _active: contextvars.ContextVar[Node | None] = contextvars.ContextVar(
     "celery_langfuse_canvas", default=None)
+_bodies: contextvars.ContextVar[tuple[str, Any] | None] = contextvars.ContextVar(
+    "celery_langfuse_chord_body", default=None)  # (group id, body) of the chord being run
 _written: collections.OrderedDict[str, None] = collections.OrderedDict()
 _originals: dict[tuple[type, str], Callable[..., Any]] = {}
 _warned = False
@@ -108,6 +111,7 @@ def install() -> None:
 
     _wrap(group, "apply_async", _group_call)
     _wrap(group, "apply", _group_call)
+    _wrap(_chord, "run", _chord_run_call)
     _wrap(_chord, "apply", _eager_chord_call)
 
 
@@ -133,7 +137,7 @@ def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
                 return original(self, *args, **options)
             group_id = options.get("task_id") or self.options.get("task_id") or str(uuid4())
             options["task_id"] = group_id
-            callback = tasks[0].options.get("chord") if hasattr(tasks[0], "options") else None
+            callback = _chord_body(group_id, tasks)
             kind = "chord" if callback is not None else "group"
             root_id = options.get("root_id") or self.options.get("root_id")
         except Exception:
@@ -143,6 +147,32 @@ def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
                        lambda: original(self, *args, **options), root_id=root_id)
 
     return call
+
+
+def _chord_run_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``chord.run`` knows the body; its header group is sent next, by ``group.apply_async``
+    (a lazy header's members are frozen with the body only as they are sent)."""
+    def call(self: Any, header: Any, body: Any, *args: Any, **options: Any) -> Any:
+        try:
+            group_id = header.options.get("task_id") or str(uuid4())
+            header.options["task_id"] = group_id  # what run() would pick, known before
+        except Exception:
+            return original(self, header, body, *args, **options)
+        token = _bodies.set((group_id, body))
+        try:
+            return original(self, header, body, *args, **options)
+        finally:
+            _bodies.reset(token)
+
+    return call
+
+
+def _chord_body(group_id: str, tasks: list[Any]) -> Any:
+    pending = _bodies.get()
+    if pending is not None and pending[0] == group_id:
+        return pending[1]
+    first = tasks[0]
+    return first.options.get("chord") if hasattr(first, "options") else None
 
 
 def _eager_chord_call(original: Callable[..., Any]) -> Callable[..., Any]:
