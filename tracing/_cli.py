@@ -26,6 +26,7 @@ import click
 import httpx
 
 from tracing._config import Config, ConfigError, load_config, setting_sources
+from tracing.shipping._delivery import cut
 from tracing.shipping._shipper import STATUS_FILE, Shipper
 from tracing.spool import (
     KIND_OPEN,
@@ -276,7 +277,7 @@ def _check_steps(client: httpx.Client, config: Config) -> Any:
         yield "keys", (f"FAILED: HTTP {response.status_code}: Langfuse rejects public key "
                        f"{config.public_key!r}; check LANGFUSE_PUBLIC_KEY / LANGFUSE_SECRET_KEY")
     else:
-        yield "keys", f"FAILED: HTTP {response.status_code}: {response.text[:200]}"
+        yield "keys", f"FAILED: HTTP {response.status_code}: {cut(response.text, 200)}"
 
 
 # `celery langfuse ...`: one group named after the sub-command, sharing main's commands.

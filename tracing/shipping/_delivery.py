@@ -177,9 +177,14 @@ def failure_kind(result: SendResult) -> str:
     return str(result.status)
 
 
+def cut(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its start ending in "…"."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def describe(result: SendResult) -> str:
     """A failure for humans: the error, or the status and the start of the body."""
-    return result.error or f"HTTP {result.status}: {result.body[:200]}"
+    return result.error or f"HTTP {result.status}: {cut(result.body, 200)}"
 
 
 def event_verdict(status: int) -> Verdict:

@@ -33,6 +33,7 @@ from tracing.shipping._delivery import (
     Verdict,
     after_failure,
     after_pause,
+    cut,
     describe,
     event_results,
     event_verdict,
@@ -200,7 +201,7 @@ class ScoreSender:
             return True
         results = event_results(result.body)
         if results is None:
-            self._back_off(SendResult(207, error=f"unreadable 207 answer: {result.body[:200]}"))
+            self._back_off(SendResult(207, error=f"unreadable 207 answer: {cut(result.body, 200)}"))
             return False
         delivered, kept, paused = [], 0, None
         for item, event_id in chunk:
@@ -229,7 +230,7 @@ class ScoreSender:
 
     def _reason(self, status: int | None, text: str) -> str:
         return (f"Langfuse rejected it: HTTP {status} from {self.config.base_url}"
-                f"{INGESTION_PATH}: {text[:500]}")
+                f"{INGESTION_PATH}: {cut(text, 500)}")
 
     def _delivered(self, items: list[Any]) -> None:
         for item in items:

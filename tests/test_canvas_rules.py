@@ -1,0 +1,119 @@
+"""Canvas placement rules without a worker: names, the pinned callback parent, the fallback
+without keys; and status texts that are cut end with "…"."""
+
+# ruff: noqa: RUF001  (canvas names use the multiplication sign)
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery, chain, chord, group, signals
+
+import tracing
+from tracing.instrumentation import _canvas, _instrument, _producer, _propagation
+from tracing.instrumentation._canvas_span import canvas_name
+from tracing.shipping._delivery import SendResult, cut, describe
+from tracing.spool import KIND_SPAN, list_segments, scan_file
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    app = Celery("canvas-rules", broker="memory://", backend="cache+memory://")
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def published() -> Iterator[list[dict[str, Any]]]:
+    """Headers of every message published while the test runs, as the broker gets them."""
+    seen: list[dict[str, Any]] = []
+    _propagation.connect_publish_handler()
+
+    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        seen.append(headers if headers is not None else {})
+
+    signals.before_task_publish.connect(record, weak=False)
+    yield seen
+    signals.before_task_publish.disconnect(record)
+
+
+@pytest.fixture
+def producer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """This process as a producer with keys and a private spool; its shipper never starts."""
+    config = tracing.load_config(environ={
+        "LANGFUSE_PUBLIC_KEY": "pk-lf-rules", "LANGFUSE_SECRET_KEY": "sk-lf-rules",
+        "LANGFUSE_BASE_URL": "http://127.0.0.1:9", "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path)})
+    monkeypatch.setattr(_instrument, "_config", config)
+    for name, value in (("_shipper", False), ("_pid", 0), ("_writers", {}), ("_config", None)):
+        monkeypatch.setattr(_producer, name, value)
+    monkeypatch.setattr(_producer, "_forget_after_fork", lambda: None)
+    yield tmp_path
+
+
+def spans_on(spool: Path) -> int:
+    return sum(1 for path, _ in list_segments(spool) for r in scan_file(path).records
+               if r.kind == KIND_SPAN)
+
+
+def test_canvas_names_say_what_the_canvas_is(app):
+    """Names count members per task, name the callback, and describe a canvas inside one."""
+    add, total = app.signature("t.add"), app.signature("t.total")
+    assert canvas_name("chord", [add] * 4, total) == "chord: t.add ×4 → t.total"
+    assert canvas_name("group", [add, add, total], None) == "group: t.add ×2, t.total"
+    assert canvas_name("group", [chain(add, total)], None) == "group: chain(t.add → t.total)"
+    inner = chord([add, add], total)
+    assert canvas_name("group", [inner, inner], None) == "group: chord(t.add ×2 → t.total) ×2"
+    many = [app.signature(f"t.{i}") for i in range(5)]
+    assert canvas_name("group", many, None) == "group: t.0, t.1, t.2, +2 more"
+
+
+def test_a_chord_writes_one_root_and_pins_its_callback(app, published, producer):
+    """A chord sent from outside a trace: one span record on the producer's spool, every
+    member's traceparent names the root, and the callback it carries is pinned to it."""
+    result = chord([app.signature("t.add", args=[i, i]) for i in range(3)],
+                   app.signature("t.total")).apply_async()
+    group_id = result.parent.id
+    root = (f"00-{tracing.trace_id_for(group_id)}-"
+            f"{tracing.root_observation_id_for(group_id)}-01")
+    assert [h["traceparent"] for h in published] == [root] * 3
+    assert spans_on(producer) == 1
+
+
+def test_a_pinned_parent_is_used_for_one_publish_then_dropped():
+    """The publish handler sends a message with a pinned parent under it and drops the pin,
+    so the task's retries (which copy its headers) hang under the attempt before."""
+    pinned = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    headers: dict[str, Any] = {"id": "cb", _propagation.PARENT_HEADER: pinned}
+    _propagation._on_before_publish(sender="t.total", headers=headers)
+    assert headers["traceparent"] == headers["headers"]["traceparent"] == pinned
+    assert _propagation.PARENT_HEADER not in headers
+    plain: dict[str, Any] = {"id": "t"}
+    _propagation._on_before_publish(sender="t.add", headers=plain)
+    assert "traceparent" not in plain  # no context: nothing invented
+
+
+def test_without_keys_a_canvas_is_sent_as_before_and_said_once(
+        app, published, tmp_path, monkeypatch, caplog):
+    """A producer without Langfuse keys sends the group unchanged (no root it could not ship)
+    and says once why its members are traces of their own."""
+    monkeypatch.setattr(_instrument, "_config", tracing.load_config(environ={
+        "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path)}))
+    monkeypatch.setattr(_producer, "_config", None)
+    monkeypatch.setattr(_canvas, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
+        group(app.signature("t.add", args=[1, 1]) for _ in range(2)).apply_async()
+        group(app.signature("t.add", args=[1, 1]) for _ in range(2)).apply_async()
+    assert len(published) == 4 and not any("traceparent" in h for h in published)
+    assert spans_on(tmp_path) == 0
+    assert len([r for r in caplog.records if "LANGFUSE_PUBLIC_KEY" in r.message]) == 1
+
+
+def test_a_status_text_that_is_cut_ends_with_an_ellipsis():
+    """A failure's text cut to fit ends with "…"; one that fits is unchanged."""
+    long = describe(SendResult(500, body="x" * 500))
+    assert long.endswith("…") and len(long) == len("HTTP 500: ") + 200
+    assert describe(SendResult(502, body="bad gateway")) == "HTTP 502: bad gateway"
+    assert cut("abc", 3) == "abc" and cut("abcd", 3) == "ab…"
