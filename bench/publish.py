@@ -1,5 +1,6 @@
 """The producer's cost per send: the publish handler alone, and with the optional
-``enqueue <task>`` observation (``CELERY_LANGFUSE_PUBLISH_OBSERVATION``).
+``enqueue <task>`` observation (``CELERY_LANGFUSE_PUBLISH_OBSERVATION``); and per canvas:
+what sending a chord from outside any trace costs for its root observation.
 
 ``python -m bench.publish [--out bench/results.jsonl]`` calls Celery's ``before_task_publish``
 handler the way a publish does, inside a producer's Langfuse observation, alternating blocks
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -59,17 +61,73 @@ def measure(iterations: int = 5000, block: int = 250) -> dict[str, Any]:
                 recorded["median_us"] - plain["median_us"], 2)}
 
 
+def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -> dict[str, Any]:
+    """Per canvas: ``chord(4 members).apply_async()`` on Celery's in-process memory broker,
+    alternating blocks with the canvas wrappers installed and not (the difference is what the
+    root costs: naming, input, the span record, one spool write); and the root alone
+    (``_canvas.publish`` around a send that does nothing). Per plain send: the one header
+    lookup the pinned callback parent adds to the publish handler."""
+    import tempfile
+
+    from celery import Celery, chord
+
+    from tracing import load_config
+    from tracing.instrumentation import _canvas, _instrument, _producer
+
+    spool = tempfile.mkdtemp(prefix="bench-canvas-")
+    _instrument._config = load_config(environ={
+        "LANGFUSE_PUBLIC_KEY": "pk-lf-bench", "LANGFUSE_SECRET_KEY": "sk",
+        "LANGFUSE_BASE_URL": "http://127.0.0.1:9", "CELERY_LANGFUSE_SPOOL_DIR": spool})
+    _producer._shipper = False  # nothing ships: the records stay in the temporary spool
+    _producer._pid = os.getpid()
+    app = Celery("bench-canvas", broker="memory://", backend="cache+memory://")
+    header = [app.signature("tasks.summarize", kwargs={"text": f"text {i}"})
+              for i in range(members)]
+    body = app.signature("tasks.combine_summaries")
+    samples: dict[bool, list[int]] = {False: [], True: []}
+    alone: list[int] = []
+    try:
+        for n in range(2 * iterations // block):
+            installed = bool(n % 2)
+            (_canvas.install if installed else _canvas.uninstall)()
+            for _ in range(block):
+                started = time.perf_counter_ns()
+                chord(header, body).apply_async()
+                samples[installed].append(time.perf_counter_ns() - started)
+        for _ in range(iterations):
+            started = time.perf_counter_ns()
+            _canvas.publish("chord", str(uuid.uuid4()), header, body.clone(), lambda: None)
+            alone.append(time.perf_counter_ns() - started)
+        headers = {f"h{i}": i for i in range(20)}
+        lookup: list[int] = []
+        for _ in range(iterations):
+            started = time.perf_counter_ns()
+            headers.pop("celery_langfuse_parent", None)
+            lookup.append(time.perf_counter_ns() - started)
+    finally:
+        _canvas.uninstall()
+        _instrument._config = None
+        app.close()
+    plain, rooted = summary_us(samples[False]), summary_us(samples[True])
+    return {"bench": "publish_canvas", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "members": members, "chord_send_untraced": plain, "chord_send_traced": rooted,
+            "canvas_root_cost_median_us": round(rooted["median_us"] - plain["median_us"], 2),
+            "canvas_root_alone": summary_us(alone),
+            "plain_send_added_lookup": summary_us(lookup)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.publish", description=__doc__)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--iterations", type=int, default=5000)
     args = parser.parse_args(argv)
-    record = measure(args.iterations)
-    record["command"] = "python -m bench.publish" + (f" --out {args.out}" if args.out else "")
-    print(json.dumps(record, indent=2))
-    if args.out:
-        with args.out.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+    command = "python -m bench.publish" + (f" --out {args.out}" if args.out else "")
+    for record in (measure(args.iterations), measure_canvas(max(200, args.iterations // 2))):
+        record["command"] = command
+        print(json.dumps(record, indent=2))
+        if args.out:
+            with args.out.open("a") as out:
+                out.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,28 @@ def test_a_chord_writes_one_root_and_pins_its_callback(app, published, producer)
     assert spans_on(producer) == 1
 
 
+def test_the_canvas_input_is_redacted_like_a_tasks(app, published, producer):
+    """A member's secret-looking kwarg is redacted in the canvas root's input; the others
+    are kept, as the members' own observations render them."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from tracing.spool._spanrecord import otlp_request
+    from tracing.testing import observations_from_otlp
+
+    group(app.signature("t.call", kwargs={"api_key": "sk-live-123", "q": "hello"}),
+          app.signature("t.call", kwargs={"q": "bye"})).apply_async()
+    [record] = [r for path, _ in list_segments(producer) for r in scan_file(path).records
+                if r.kind == KIND_SPAN]
+    request = ExportTraceServiceRequest.FromString(otlp_request(record.payload))
+    [root] = observations_from_otlp(request, 0.0)
+    assert root.name == "group: t.call ×2" and root.parent_observation_id is None
+    first, second = root.input["members"]
+    assert first["kwargs"]["q"] == "hello" and "sk-live-123" not in str(root.input)
+    assert second["kwargs"] == {"q": "bye"}
+
+
 def test_a_pinned_parent_is_used_for_one_publish_then_dropped():
     """The publish handler sends a message with a pinned parent under it and drops the pin,
     so the task's retries (which copy its headers) hang under the attempt before."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,8 @@ from tracing.instrumentation._task_span import end_attributes, start_attributes
 from tracing.spool._spanrecord import span_record
 
 __all__ = ["canvas_frame", "canvas_name", "label"]
+
+logger = logging.getLogger("celery_langfuse")
 
 _NAMES = _sdk.attribute_names()
 _MAX_NAMES = 3
@@ -55,7 +58,7 @@ def label(sig: Any) -> str:
 
 
 def _get(sig: Any, key: str, default: Any) -> Any:
-    return sig.get(key, default) if isinstance(sig, Mapping) else default
+    return sig.get(key, default) if isinstance(sig, dict) else default  # a Signature is one
 
 
 def _counted(members: list[Any]) -> str:
@@ -83,6 +86,68 @@ def _member(sig: Any) -> dict[str, Any]:
     return entry
 
 
+def _input_text(value: Any, config: Config) -> str:
+    """The members as the task input is rendered (mask, redaction, cap); plain JSON with
+    nothing to redact or cap is taken as it is (a few microseconds instead of a walk)."""
+    if config.mask is not None:
+        try:
+            value = config.mask(data=value)
+        except Exception:
+            logger.exception("celery-langfuse: the mask function failed; the canvas input "
+                             "is withheld")
+            return "<withheld: mask failed>"
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        fits = len(text.encode("utf-8")) <= config.max_payload_bytes
+    except (TypeError, ValueError, RecursionError):  # not plain JSON, or a lone surrogate
+        fits = False
+    if fits and not any(_secret_key(m.get(part), config.redact_keys, 1)
+                        for m in _entries(value) for part in ("args", "kwargs")):
+        return text
+    return render_attribute(value, redact=config.redact_keys, max_bytes=config.max_payload_bytes)
+
+
+def _entries(value: Any) -> list[Any]:
+    """The member entries of a canvas input (``members`` and ``callback``); the whole value,
+    as one entry to look into, if a mask changed its shape."""
+    if isinstance(value, Mapping) and isinstance(value.get("members"), list):
+        entries = [m for m in value["members"] if isinstance(m, Mapping)]
+        if isinstance(value.get("callback"), Mapping):
+            entries.append(value["callback"])
+        if len(entries) == len(value["members"]) + ("callback" in value):
+            return entries
+    return [{"kwargs": value}]
+
+
+def _secret_key(value: Any, redact: Any, depth: int) -> bool:
+    """True if a key anywhere in ``value`` matches the redaction pattern (or it is deep)."""
+    if depth > 16:
+        return True
+    if isinstance(value, dict):  # not the Mapping ABC: its isinstance is ten times slower
+        for key, item in value.items():
+            if _secret_name(str(key), redact) or _secret_key(item, redact, depth + 1):
+                return True
+    elif isinstance(value, (list, tuple)):
+        return any(_secret_key(item, redact, depth + 1) for item in value
+                   if isinstance(item, (dict, list, tuple)))
+    elif isinstance(value, Mapping):
+        return True  # some other mapping: let the full rendering look into it
+    return False
+
+
+_verdicts: dict[tuple[Any, str], bool] = {}
+
+
+def _secret_name(key: str, redact: Any) -> bool:
+    """The pattern's verdict on a key, remembered (canvases repeat their keys)."""
+    verdict = _verdicts.get((redact, key))
+    if verdict is None:
+        if len(_verdicts) > 4096:
+            _verdicts.clear()
+        verdict = _verdicts[(redact, key)] = bool(redact.search(key))
+    return verdict
+
+
 def _sent_ids(result: Any) -> list[str]:
     results = getattr(result, "results", None)
     if results is None:
@@ -100,8 +165,7 @@ def canvas_frame(config: Config, node: Any, result: Any, error: BaseException | 
         members: dict[str, Any] = {"members": [_member(m) for m in node.members]}
         if node.callback is not None:
             members["callback"] = _member(node.callback)
-        input_text = render_attribute(members, redact=config.redact_keys,
-                                      max_bytes=config.max_payload_bytes)
+        input_text = _input_text(members, config)
     if config.capture_output:
         output_text = json.dumps({"group_id": node.group_id, "task_ids": _sent_ids(result)})
     message = None
