@@ -50,7 +50,8 @@ def score_task(
     environment: str | None = None,
     timestamp: datetime | None = None,
 ) -> str:
-    """Score the trace of ``task_id`` (pass ``root_id`` for a task inside a canvas); durable.
+    """Score the trace of ``task_id``; durable. Inside a canvas pass ``root_id``: a chain's
+    first task id, a group's or chord's group id (``GroupResult.id``).
 
     ``value``: a number (NUMERIC), a string (CATEGORICAL) or a bool (BOOLEAN); ``data_type``
     says it explicitly (``"BOOLEAN"`` with 0/1). By default the score is on the whole trace;

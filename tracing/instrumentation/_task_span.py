@@ -28,13 +28,12 @@ id), and each later execution hangs under it with an id of its own, its own gene
 it. The trace's name and input come from the first execution either way; its output is the
 first execution's (none if it died), the redelivered run's output is on its own observation.
 
-Celery's own root ids always name a task that runs first (a chain's first link; each member
-of a group sent from outside a trace is its own root). A producer that overrides ``root_id``
-must name a task of the canvas, or its members hang under a root that never arrives.
+Celery's own root ids always name a task that runs first (a chain's first link). The
+members of a group or chord carry ``traceparent``: their sender puts them under its own
+observation, or under a canvas root it writes (``_canvas``), so a canvas is one trace.
 
 A retry is published by the attempt that failed, from inside its observation, so attempt
-*n+1* hangs under attempt *n*: the trace reads as the sequence that happened. Celery gives
-each task of a group sent from outside a trace its own ``root_id``, so each is its own trace.
+*n+1* hangs under attempt *n*: the trace reads as the sequence that happened.
 
 How it is made: directly on the SDK's own tracer (same instrumentation scope, so the SDK's
 processor exports it and puts it through the spool) with the attribute names the SDK
