@@ -197,6 +197,42 @@ def test_chord_inside_a_group_keeps_the_rule_one_level_down(app, module_receiver
         assert sorted(o.name for o in children) == ["t.add", "t.add", "t.chain_step"]
 
 
+def test_a_chain_of_two_groups_is_one_trace(app, module_receiver):
+    """A chain of two groups (Celery makes it a chord whose callback is a group): one trace,
+    one parentless root, every task of both groups under it."""
+    first = group(app.signature("t.add", args=[i, 5]) for i in range(2))
+    second = group(app.signature("t.chain_step", args=[i]) for i in range(2))
+    result = chain(first, second).apply_async()
+    result.get(timeout=30)
+    name = "chord: t.add ×2 → group(t.chain_step ×2)"
+    trace = one_trace(module_receiver, tracing.trace_id_for(result.parent.id),
+                      {name: 1, "t.add": 2, "t.chain_step": 2})
+    [root] = trace.roots
+    assert root.name == name and root.parent_observation_id is None
+    tasks = [o for o in trace.observations if o.name in ("t.add", "t.chain_step")]
+    assert {o.parent_observation_id for o in tasks} == {root.id}
+
+
+def test_a_chord_sent_by_a_chain_link_hangs_under_that_link(app, module_receiver):
+    """chain(a, chord(...)) from outside: the first link is the trace's root; the chord, sent
+    by that link's worker inside its observation, has its members and callback under it."""
+    workflow = chain(app.signature("t.chain_step", args=["go", 1]),
+                     chord([app.signature("t.add", args=[i, 6], immutable=True)
+                            for i in range(2)], app.signature("t.chain_step", args=[2])))
+    result = workflow.apply_async()
+    result.get(timeout=30)
+    first = result
+    while first.parent is not None:
+        first = first.parent
+    trace = one_trace(module_receiver, tracing.trace_id_for(first.id),
+                      {"t.chain_step": 2, "t.add": 2})
+    [root] = trace.roots
+    assert root.metadata["task_id"] == first.id
+    later = [o for o in trace.observations if o.id != root.id
+             and o.name in ("t.add", "t.chain_step")]
+    assert len(later) == 3 and {o.parent_observation_id for o in later} == {root.id}
+
+
 def test_chain_keeps_its_rule(app, module_receiver):
     """A chain sent from outside still has its first link as the root and no canvas root."""
     result = chain(app.signature("t.chain_step", args=["c", 1]),

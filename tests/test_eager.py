@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 USER_TESTS = '''
 import pytest
-from celery import Celery, group
+from celery import Celery, chain, group
 from langfuse import Langfuse, get_client
 
 import tracing
@@ -82,6 +82,16 @@ def test_eager_retry_is_two_attempts_in_one_trace(traced):
     assert second.parent_observation_id == first.id and second.trace_id == first.trace_id
 
 
+def test_eager_chain_links_hang_under_the_link_before(traced):
+    """An eager chain: the first link is the trace's root, the second its child."""
+    result = chain(summarize.s("one two three"), summarize.s()).apply_async()
+    assert result.get() == "one t"
+    first, second = sorted(traced.wait_for_count(2, name="users.summarize"),
+                           key=lambda o: o.start_time)
+    assert first.parent_observation_id is None
+    assert second.parent_observation_id == first.id and second.trace_id == first.trace_id
+
+
 def test_eager_group_is_one_trace(traced):
     """An eager group: one trace, the members siblings under the canvas root."""
     result = group(summarize.s(t) for t in ("a text", "b text")).apply_async()
@@ -95,7 +105,7 @@ def test_eager_group_is_one_trace(traced):
 
 def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> None:
     """A user's eager-mode tests, with only the `langfuse_receiver` fixture, see each task's
-    observation, the SDK calls under it, retries and an eager group as one trace."""
+    observation, the SDK calls under it, retries, chains and an eager group as one trace."""
     (tmp_path / "test_users_tasks.py").write_text(textwrap.dedent(USER_TESTS))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:celery",
@@ -103,4 +113,4 @@ def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> N
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 passed" in result.stdout
+    assert "5 passed" in result.stdout

@@ -71,7 +71,7 @@ from tracing.instrumentation._canvas_span import canvas_frame
 from tracing.instrumentation._propagation import PARENT_HEADER
 from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
 
-__all__ = ["install", "pin_parent", "publish", "uninstall"]
+__all__ = ["EagerChain", "eager_chain", "install", "pin_parent", "publish", "uninstall"]
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -107,12 +107,13 @@ _warned = False
 
 def install() -> None:
     """Wrap ``group.apply_async``, ``group.apply`` and ``chord.apply`` (idempotent)."""
-    from celery.canvas import _chord, group
+    from celery.canvas import _chain, _chord, group
 
     _wrap(group, "apply_async", _group_call)
     _wrap(group, "apply", _group_call)
     _wrap(_chord, "run", _chord_run_call)
     _wrap(_chord, "apply", _eager_chord_call)
+    _wrap(_chain, "apply", _eager_chain_call)
 
 
 def uninstall() -> None:
@@ -187,6 +188,37 @@ def _eager_chord_call(original: Callable[..., Any]) -> Callable[..., Any]:
             logger.exception("celery-langfuse: could not read the chord; run as it is")
             return run()
         return publish("chord", str(uuid4()), tasks, callback, run, absorb_header=True)
+
+    return call
+
+
+@dataclass
+class EagerChain:
+    """A chain applied eagerly (``chain.apply``): its links run one after the other in the
+    caller, so each later link is placed under the link before, as a worker run places it
+    (``_eager`` reads and updates this)."""
+
+    context: SpanContext  # the caller's span when the chain started (invalid: none)
+    links: set[str] = field(default_factory=set)  # task ids of its links
+    previous: str | None = None  # traceparent of the last link's latest attempt
+
+
+_eager_chain: contextvars.ContextVar[EagerChain | None] = contextvars.ContextVar(
+    "celery_langfuse_eager_chain", default=None)
+
+
+def eager_chain() -> EagerChain | None:
+    return _eager_chain.get()
+
+
+def _eager_chain_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    def call(self: Any, *args: Any, **options: Any) -> Any:
+        current = otel_trace.get_current_span().get_span_context()
+        token = _eager_chain.set(EagerChain(current))
+        try:
+            return original(self, *args, **options)
+        finally:
+            _eager_chain.reset(token)
 
     return call
 

@@ -12,7 +12,8 @@ process that is not a worker has no tracing runtime. So, before the task handler
   have: the caller's ``traceparent`` (an eager task called inside an observation, or inside
   another eager task, is its child; a member of a canvas hangs under the canvas root of
   ``_canvas``), its trace attributes and the send time. An attempt after an eager retry
-  hangs under the attempt before, as a published retry does.
+  hangs under the attempt before, as a published retry does, and a link of a chain applied
+  eagerly under the link before, as a worker run places it.
 * then ``_task_tracing`` opens the observation as for any attempt: one per attempt, the
   SDK calls in the body nested under it; a task sent from outside any trace is the
   parentless root of ``trace_id_for(task_id)``;
@@ -30,6 +31,7 @@ from opentelemetry import trace as otel_trace
 
 from tracing import _sdk
 from tracing.instrumentation import _producer
+from tracing.instrumentation._canvas import eager_chain
 from tracing.instrumentation._propagation import PARENT_HEADER, inject
 from tracing.instrumentation._task_common import never_raises
 
@@ -61,6 +63,10 @@ def on_eager_prerun(sender: Any = None, task_id: str | None = None, task: Any = 
     request = task.request
     headers = dict(request.headers) if isinstance(request.headers, Mapping) else {}
     parent = headers.pop(PARENT_HEADER, None)
+    chain = eager_chain()
+    if chain is not None and otel_trace.get_current_span().get_span_context() == chain.context:
+        chain.links.add(task_id)  # a link of a chain applied here: under the link before
+        parent = chain.previous or parent
     if getattr(request, "retries", 0):
         parent = _last_attempt.get(task_id, parent)
     inject(headers, traceparent=parent)
@@ -79,6 +85,9 @@ def on_eager_postrun(sender: Any = None, task_id: str | None = None, task: Any =
     context = otel_trace.get_current_span().get_span_context()
     if context.is_valid:
         _last_attempt[task_id] = f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+        chain = eager_chain()
+        if chain is not None and task_id in chain.links:
+            chain.previous = _last_attempt[task_id]
         while len(_last_attempt) > 1000:
             _last_attempt.pop(next(iter(_last_attempt)))
 
