@@ -133,6 +133,19 @@ def test_without_keys_a_canvas_is_sent_as_before_and_said_once(
     assert len([r for r in caplog.records if "LANGFUSE_PUBLIC_KEY" in r.message]) == 1
 
 
+def test_a_failure_in_tracing_never_stops_a_canvas(app, published, monkeypatch, caplog):
+    """When placing the canvas fails (here: the configuration cannot be read), the group is
+    sent anyway and the failure is logged."""
+    def broken() -> None:
+        raise tracing.ConfigError("CELERY_LANGFUSE_SPOOL_MAX_BYTES='x': expected a size")
+
+    monkeypatch.setattr(_producer, "current_config", broken)
+    with caplog.at_level(logging.ERROR, logger="celery_langfuse"):
+        result = group(app.signature("t.add", args=[1, 1]) for _ in range(2)).apply_async()
+    assert len(published) == 2 and len(result.results) == 2
+    assert any("sent untraced" in r.message for r in caplog.records)
+
+
 def test_a_status_text_that_is_cut_ends_with_an_ellipsis():
     """A failure's text cut to fit ends with "…"; one that fits is unchanged."""
     long = describe(SendResult(500, body="x" * 500))

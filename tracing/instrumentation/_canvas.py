@@ -233,28 +233,17 @@ def publish(
     *, absorb_header: bool = False, root_id: str | None = None,
 ) -> Any:
     """Send a canvas by ``send()`` in the context its members must hang in (table above);
-    a top-level root's ids come from ``root_id`` when the sender gave one, else the group id."""
-    active = _active.get()
-    current = otel_trace.get_current_span().get_span_context()
-    inside_active = active is not None and current == active.context
-    if inside_active and active is not None and (
-            active.group_id == group_id or active.absorb_header):
-        active.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
+    a top-level root's ids come from ``root_id`` when the sender gave one, else the group id.
+    Whatever fails in tracing, the canvas is sent."""
+    try:
+        placed = _place(kind, group_id, members, callback, absorb_header, root_id)
+    except Exception:
+        logger.exception("celery-langfuse: could not place canvas %s; it is sent untraced",
+                         group_id)
+        placed = None
+    if placed is None:
         return send()
-    if current.is_valid and not inside_active:
-        _safely(pin_parent, callback, current)  # no extra root: under the sender's observation
-        return send()
-    config = _producer.current_config()
-    if not (config.enabled and config.has_keys):
-        _warn_no_keys()
-        return send()
-    parent = active if inside_active else None
-    tree = group_id if parent else (root_id or group_id)
-    node = Node(kind, group_id, members, callback,
-                parent.trace_id if parent else int(trace_id_for(tree), 16),
-                int(root_observation_id_for(tree), 16),
-                parent.span_id if parent else None, absorb_header)
-    _safely(pin_parent, callback, node.context)
+    config, node = placed
     token = _active.set(node)
     otel_token = otel_context.attach(otel_trace.set_span_in_context(NonRecordingSpan(node.context)))
     result: Any = None
@@ -269,6 +258,38 @@ def publish(
         otel_context.detach(otel_token)
         _active.reset(token)
         _safely(_write, config, node, result, error)
+
+
+def _place(
+    kind: str, group_id: str, members: list[Any], callback: Any, absorb_header: bool,
+    root_id: str | None,
+) -> tuple[Any, Node] | None:
+    """The node to send the canvas under, with the configuration to write it with; None when
+    it needs none (the same canvas again, a sender's observation, no keys)."""
+    active = _active.get()
+    current = otel_trace.get_current_span().get_span_context()
+    inside_active = active is not None and current == active.context
+    if inside_active and active is not None and (
+            active.group_id == group_id or active.absorb_header):
+        active.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
+        return None
+    if current.is_valid and not inside_active:
+        pin_parent(callback, current)  # no extra root: under the sender's observation
+        return None
+    config = _producer.current_config()
+    if not config.enabled:
+        return None
+    if not config.has_keys:
+        _warn_no_keys()
+        return None
+    parent = active if inside_active else None
+    tree = group_id if parent else (root_id or group_id)
+    node = Node(kind, group_id, members, callback,
+                parent.trace_id if parent else int(trace_id_for(tree), 16),
+                int(root_observation_id_for(tree), 16),
+                parent.span_id if parent else None, absorb_header)
+    pin_parent(callback, node.context)
+    return config, node
 
 
 def pin_parent(callback: Any, parent: SpanContext) -> None:
