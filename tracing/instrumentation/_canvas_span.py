@@ -62,7 +62,11 @@ def _get(sig: Any, key: str, default: Any) -> Any:
 
 
 def _counted(members: list[Any]) -> str:
-    counts = collections.Counter(label(m) for m in members)
+    return _counted_labels([label(m) for m in members])
+
+
+def _counted_labels(labels: list[str]) -> str:
+    counts = collections.Counter(labels)
     first = list(counts.items())[:_MAX_NAMES]
     parts = [name if n == 1 else f"{name} {_TIMES}{n}" for name, n in first]
     if len(counts) > _MAX_NAMES:
@@ -70,15 +74,16 @@ def _counted(members: list[Any]) -> str:
     return ", ".join(parts)
 
 
-def canvas_name(kind: str, members: list[Any], callback: Any) -> str:
+def canvas_name(kind: str, members: list[Any], callback: Any,
+                labels: list[str] | None = None) -> str:
     """``chord: tasks.summarize ×4 → tasks.combine_summaries``, ``group: tasks.x ×3``."""
-    name = f"{kind}: {_counted(members)}"
+    name = f"{kind}: {_counted_labels(labels or [label(m) for m in members])}"
     return name + (f" → {label(callback)}" if callback is not None else "")
 
 
-def _member(sig: Any) -> dict[str, Any]:
+def _member(sig: Any, name: str | None = None) -> dict[str, Any]:
     options = _get(sig, "options", {}) or {}
-    entry: dict[str, Any] = {"task": label(sig)}
+    entry: dict[str, Any] = {"task": name or label(sig)}
     if options.get("task_id"):
         entry["id"] = options["task_id"]
     entry["args"] = list(_get(sig, "args", ()) or ())
@@ -158,11 +163,13 @@ def _sent_ids(result: Any) -> list[str]:
 def canvas_frame(config: Config, node: Any, result: Any, error: BaseException | None) -> bytes:
     """The spool frame of ``node``'s observation, ended now."""
     attrs = current_attributes() if node.parent_span_id is None else None
+    labels = [label(m) for m in node.members]
     name = (attrs.trace_name if attrs and attrs.trace_name else None) or canvas_name(
-        node.kind, node.members, node.callback)
+        node.kind, node.members, node.callback, labels)
     input_text = output_text = None
     if config.capture_input:
-        members: dict[str, Any] = {"members": [_member(m) for m in node.members]}
+        members: dict[str, Any] = {
+            "members": [_member(m, n) for m, n in zip(node.members, labels, strict=True)]}
         if node.callback is not None:
             members["callback"] = _member(node.callback)
         input_text = _input_text(members, config)

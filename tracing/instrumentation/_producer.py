@@ -33,7 +33,7 @@ from typing import Any
 
 from tracing._config import Config, load_config
 from tracing.instrumentation import _runtime
-from tracing.spool import SegmentWriter
+from tracing.spool import SegmentWriter, SpoolError
 
 __all__ = ["current_config", "eager_runtime", "sampled", "wake", "write"]
 
@@ -118,7 +118,12 @@ def eager_runtime(config: Config) -> _runtime.Runtime | None:
         return None
     with _lock:
         _forget_after_fork()
-        _eager = _runtime.start(config, ship=False)
+        try:
+            _eager = _runtime.start(config, ship=False)
+        except SpoolError as exc:
+            _warn_once(f"spool:{config.spool_dir}", "celery-langfuse: %s. Eager tasks run "
+                       "untraced until this is fixed.", exc)
+            return None
         _ensure_shipper(config)
     return _eager
 
