@@ -114,3 +114,33 @@ def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5 passed" in result.stdout
+
+
+def test_a_worker_turns_the_eager_handlers_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At worker_init the eager handlers are disconnected (they would cost every task), the
+    task handlers stay, in the order that puts the eager preparation first elsewhere."""
+    from types import SimpleNamespace
+
+    from celery import Celery, signals
+
+    import tracing
+    from tracing.instrumentation import _instrument, _runtime
+
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-eager")
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-eager")
+    monkeypatch.setattr(_runtime, "start", lambda config: None)
+    app = Celery("eager-off")
+    tracing.instrument(app)
+    try:
+        def prerun() -> list[str]:
+            return [r[0][0] for r in signals.task_prerun.receivers
+                    if str(r[0][0]).startswith("celery_langfuse.")]
+
+        assert prerun() == ["celery_langfuse.on_eager_prerun", "celery_langfuse.on_task_prerun"]
+        _instrument.on_worker_init(sender=SimpleNamespace(app=app))
+        assert prerun() == ["celery_langfuse.on_task_prerun"]
+        postrun = [r[0][0] for r in signals.task_postrun.receivers]
+        assert "celery_langfuse.on_task_postrun" in postrun
+        assert "celery_langfuse.after_eager_postrun" not in postrun
+    finally:
+        tracing.uninstrument(app)
