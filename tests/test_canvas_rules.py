@@ -152,3 +152,24 @@ def test_a_status_text_that_is_cut_ends_with_an_ellipsis():
     assert long.endswith("…") and len(long) == len("HTTP 500: ") + 200
     assert describe(SendResult(502, body="bad gateway")) == "HTTP 502: bad gateway"
     assert cut("abc", 3) == "abc" and cut("abcd", 3) == "ab…"
+
+
+def test_a_status_message_cut_in_a_trace_tree_ends_with_an_ellipsis(receiver):
+    """The receiver's tree (what `make demo` prints) cuts a long status message to one line
+    that ends with "…"."""
+    from langfuse import Langfuse
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from tracing import _sdk
+
+    client = Langfuse(public_key=receiver.public_key, secret_key=receiver.secret_key,
+                      base_url=receiver.base_url, tracer_provider=TracerProvider())
+    try:
+        with client.start_as_current_observation(name="job") as job:
+            job.update(level="ERROR", status_message="boom\n" + "kaput " * 100)
+        client.flush()
+        [obs] = receiver.wait_for_count(1, name="job")
+    finally:
+        _sdk.forget_client(receiver.public_key)
+    [line] = [x for x in receiver.tree(obs.trace_id).splitlines() if "job [span]" in x]
+    assert '"boom kaput kaput' in line and line.endswith('…"')

@@ -329,7 +329,7 @@ def wait_for_results(sent: Sequence[Sent], backend_url: str) -> None:
             state, detail = _outcome(app, item.task_id, deadline)
             expected = "FAILURE" if item.job.fails else "SUCCESS"
             note = " (expected)" if item.job.fails and state == "FAILURE" else ""
-            log(f"  {state:<8} {item.job.label:<36} {detail[:70]}{note}")
+            log(f"  {state:<8} {item.job.label:<36} {_cut(detail, 70)}{note}")
             if state != expected:
                 problems.append(f"{item.job.label}: {state}, expected {expected}")
     finally:
@@ -357,7 +357,13 @@ def _describe_result(value: Any) -> str:
     for key in ("label", "answer", "summary"):
         if value.get(key):
             return f"{key}: {value[key]}"
-    return json.dumps(value)[:70]
+    return json.dumps(value)
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters; a cut one ends in "…"."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def stop_worker(worker: WorkerProcess) -> None:

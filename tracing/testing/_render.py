@@ -46,7 +46,7 @@ def describe(obs: Observation, copies: int) -> str:
     if cost is not None:
         parts.append(f"cost=${cost:.6f}")
     if obs.status_message and obs.level != "DEFAULT":
-        parts.append(f'"{obs.status_message.splitlines()[0][:120]}"')
+        parts.append(f'"{short(obs.status_message, 120)}"')  # cut: ends in "…"
     if obs.is_app_root and obs.parent_observation_id is not None:
         parts.append("(app root)")
     if copies > 1:
