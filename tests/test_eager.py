@@ -116,7 +116,8 @@ def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> N
     assert "5 passed" in result.stdout
 
 
-def test_a_worker_turns_the_eager_handlers_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_turns_the_eager_handlers_off(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """At worker_init the eager handlers are disconnected (they would cost every task), the
     task handlers stay, in the order that puts the eager preparation first elsewhere."""
     from types import SimpleNamespace
@@ -128,7 +129,9 @@ def test_a_worker_turns_the_eager_handlers_off(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-eager")
     monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-eager")
+    monkeypatch.setenv("CELERY_LANGFUSE_SPOOL_DIR", str(tmp_path))
     monkeypatch.setattr(_runtime, "start", lambda config: None)
+    monkeypatch.setattr(_instrument, "_config", None)  # restored after: no keys leak onward
     app = Celery("eager-off")
     tracing.instrument(app)
     try:
