@@ -6,7 +6,7 @@ import tracing
 
 PUBLIC = {
     "Config", "ConfigError", "SpoolError", "TaskOptions", "TraceAttributes", "instrument",
-    "is_instrumented", "load_config", "root_observation_id_for", "score_task",
+    "is_instrumented", "load_config", "root_observation_id_for", "run_experiment", "score_task",
     "task_options", "trace_attributes", "trace_id_for", "trace_url_for", "uninstrument",
 }
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tracing._config import Config, ConfigError, load_config
+    from tracing.instrumentation._experiments import run_experiment
     from tracing.instrumentation._instrument import instrument, is_instrumented, uninstrument
     from tracing.instrumentation._options import TaskOptions, task_options
     from tracing.instrumentation._propagation import TraceAttributes, trace_attributes
@@ -41,6 +42,7 @@ _EXPORTS = {
     "TraceAttributes": "tracing.instrumentation._propagation",
     "trace_attributes": "tracing.instrumentation._propagation",
     "score_task": "tracing.instrumentation._scores",
+    "run_experiment": "tracing.instrumentation._experiments",
     "SpoolError": "tracing.spool",
     "root_observation_id_for": "tracing.instrumentation._task_span",
     "trace_id_for": "tracing.instrumentation._task_span",
@@ -71,6 +73,7 @@ __all__ = [
     "is_instrumented",
     "load_config",
     "root_observation_id_for",
+    "run_experiment",
     "score_task",
     "task_options",
     "trace_attributes",

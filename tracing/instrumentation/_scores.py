@@ -31,7 +31,7 @@ from tracing.instrumentation._task_span import root_observation_id_for, trace_id
 from tracing.spool import KIND_SCORE, encode_frame
 from tracing.spool._score_record import encode_event, score_event
 
-__all__ = ["pending_scores", "score_task"]
+__all__ = ["pending_scores", "record_score", "score_task"]
 
 
 def score_task(
@@ -49,6 +49,7 @@ def score_task(
     metadata: Mapping[str, Any] | None = None,
     environment: str | None = None,
     timestamp: datetime | None = None,
+    config_id: str | None = None,
 ) -> str:
     """Score the trace of ``task_id``; durable. Inside a canvas pass ``root_id``: a chain's
     first task id, a group's or chord's group id (``GroupResult.id``).
@@ -59,8 +60,9 @@ def score_task(
     only for a tree's root task (its first attempt); for any other observation pass its
     ``observation_id``. ``score_id``: your id for the score; by default one derived from the
     target and ``name``, so scoring the same name on the same target again replaces the value
-    (an upsert) and a resend never makes a second score. ``client`` is accepted for
-    compatibility and unused: scores no longer go through the SDK.
+    (an upsert) and a resend never makes a second score. ``config_id``: a Langfuse score
+    config the value is checked against. ``client`` is accepted for compatibility and
+    unused: scores no longer go through the SDK.
 
     Returns the trace id scored, once the score is on local disk (no network call; it never
     waits for Langfuse). Raises ``ValueError`` for a value Langfuse would refuse, and
@@ -76,18 +78,27 @@ def score_task(
                 "not derived from the task id; pass observation_id=..., or score the trace"
             )
         observation_id = root_observation_id_for(root)
+    record_score(
+        trace_id=trace_id, name=name, value=value, observation_id=observation_id,
+        data_type=data_type, comment=comment, score_id=score_id, environment=environment,
+        metadata=metadata, timestamp=timestamp, config_id=config_id,
+    )
+    return trace_id
+
+
+def record_score(**fields: Any) -> None:
+    """Build one score event (``score_event``'s keywords) and append it to the spool: the
+    durable path every score takes. A trace score follows its trace's sampling decision; a
+    run-level score (``dataset_run_id``) is always kept."""
     config = _producer.current_config()
     if not config.enabled:
-        return trace_id
-    event = score_event(
-        trace_id=trace_id, name=name, value=value, observation_id=observation_id,
-        data_type=data_type, comment=comment, score_id=score_id,
-        environment=environment or config.environment, metadata=metadata, timestamp=timestamp,
-    )
-    if not _producer.sampled(config, trace_id):
-        return trace_id
+        return
+    fields["environment"] = fields.get("environment") or config.environment
+    event = score_event(**fields)
+    trace_id = fields.get("trace_id")
+    if trace_id and not _producer.sampled(config, trace_id):
+        return
     _producer.write(config, encode_frame(KIND_SCORE, encode_event(event)))
-    return trace_id
 
 
 def pending_scores(spool_dir: Any) -> int:

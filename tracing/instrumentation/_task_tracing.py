@@ -47,6 +47,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 from tracing.instrumentation import _runtime
 from tracing.instrumentation._client import task_tracer
+from tracing.instrumentation._experiment_span import experiment_attributes
 from tracing.instrumentation._options import TaskOptions, options_for
 from tracing.instrumentation._otel import drop_counter, task_context
 from tracing.instrumentation._payload import clean_text
@@ -134,6 +135,10 @@ def on_task_prerun(
     # and detaches the context: a context left attached would leak into the next task.
     active = _active[task_id] = _Active(
         span, [otel_context.attach(task_context(span))], options)
+    experiment: dict[str, Any] = safely("reading the experiment header", {},
+                        lambda: experiment_attributes(request))
+    if experiment:  # an item of run_experiment: before the open attempt records the span
+        span.set_attributes(experiment)
     attributes = incoming.attributes.merged(_extract(options, kwargs))
     propagation = _propagate(attributes)
     if propagation is not None:

@@ -87,6 +87,9 @@ Each record is one frame, all integers little-endian::
        "observationId": "<16 hex, optional>", "name": "...", "value": 0.8 | "text" | 0/1,
        "dataType": "NUMERIC" | "CATEGORICAL" | "BOOLEAN", "comment": "...", ...}}
 
+  A run-level score of an experiment has ``"datasetRunId": "<experiment id>"`` instead of
+  ``traceId``; ``configId`` names a Langfuse score config when the caller gave one.
+
   The score id is the caller's, or derived from the target and name, so a resend is an upsert
   in Langfuse, never a second score; the event id, unique per record, keys the per-event
   result of Langfuse's 207 answer. Score records are written to segments of their own (one

@@ -63,22 +63,33 @@ def _typed_value(value: Any, data_type: str | None) -> tuple[float | str, str]:
 
 
 def score_event(
-    *, trace_id: str, name: str, value: Any, observation_id: str | None = None,
+    *, trace_id: str | None, name: str, value: Any, observation_id: str | None = None,
     data_type: str | None = None, comment: str | None = None, score_id: str | None = None,
     environment: str | None = None, metadata: Mapping[str, Any] | None = None,
-    timestamp: datetime | None = None,
+    timestamp: datetime | None = None, dataset_run_id: str | None = None,
+    config_id: str | None = None,
 ) -> dict[str, Any]:
-    """The ``score-create`` event for one score (raises ``ValueError`` on a bad value)."""
+    """The ``score-create`` event for one score (raises ``ValueError`` on a bad value).
+
+    The target is a trace (``trace_id``, and ``observation_id`` for one of its observations)
+    or an experiment run (``dataset_run_id``: Langfuse's run-level scores, ``datasetRunId``
+    in ``ScoreBody``; its default score id is derived from ``run:<id>`` and the name).
+    ``config_id``: a Langfuse score config the value is checked against (``configId``).
+    """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a score needs a non-empty name, got {name!r}")
+    if not trace_id and not dataset_run_id:
+        raise ValueError("a score needs a target: a trace id or a dataset run id")
     typed, kind = _typed_value(value, data_type)
-    body: dict[str, Any] = {
-        "id": score_id or score_id_for(trace_id, observation_id, name),
-        "traceId": trace_id,
-        "name": name,
-        "value": typed,
-        "dataType": kind,
-    }
+    target = trace_id or f"run:{dataset_run_id}"
+    body: dict[str, Any] = {"id": score_id or score_id_for(target, observation_id, name)}
+    if trace_id:
+        body["traceId"] = trace_id
+    body.update(name=name, value=typed, dataType=kind)
+    if dataset_run_id:
+        body["datasetRunId"] = dataset_run_id
+    if config_id:
+        body["configId"] = str(config_id)
     if observation_id:
         body["observationId"] = observation_id
     if comment is not None:
