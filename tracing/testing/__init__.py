@@ -31,6 +31,13 @@ OTLP shipper talk to, and stores what it accepts the way the Langfuse server doe
   (key rotation), :meth:`~LangfuseReceiver.set_poison` (whole-batch 400 for a span matching a
   predicate), :meth:`~LangfuseReceiver.set_suspended` (403) and
   :meth:`~LangfuseReceiver.down` / :meth:`~LangfuseReceiver.up` (refused, then the same port).
+* ``_experiments`` / ``_datasets`` -- experiments as the server reads them from spans
+  (``OtelIngestionProcessor.extractExperimentFields``): :func:`experiment_fields` of one
+  observation, :meth:`~LangfuseReceiver.experiment_items` (the spans that are their item's
+  root, as the experiments API lists items); and the two dataset routes
+  ``Langfuse.get_dataset`` calls (``GET /api/public/v2/datasets/{name}``, ``GET
+  /api/public/dataset-items``), serving what a test put in with
+  :meth:`~LangfuseReceiver.add_dataset`.
 * ``_render`` -- :meth:`~LangfuseReceiver.tree` / :meth:`~LangfuseReceiver.format_traces`
   print each trace with the name, input and output Langfuse shows, then its tree.
 * ``plugin`` -- the ``langfuse_receiver`` pytest fixture, registered by the ``pytest11``
@@ -74,7 +81,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ._cli import main, receiver_env
+from ._datasets import DATASET_ITEMS_PATH, DATASETS_PATH
 from ._decode import decode_observations as observations_from_otlp
+from ._experiments import ExperimentFields, experiment_fields
 from ._model import Observation, ReceivedRequest, Trace
 from ._receiver import (
     HEALTH_PATH,
@@ -100,6 +109,8 @@ except ImportError:  # pragma: no cover - pytest is optional at runtime
 SERVER_VERSION = "4.16.0"
 
 __all__ = [
+    "DATASETS_PATH",
+    "DATASET_ITEMS_PATH",
     "HEALTH_PATH",
     "INGESTION_PATH",
     "MAX_INGESTION_VERSION",
@@ -107,10 +118,12 @@ __all__ = [
     "SCORES_PATH",
     "SERVER_VERSION",
     "TRACES_PATH",
+    "ExperimentFields",
     "LangfuseReceiver",
     "Observation",
     "ReceivedRequest",
     "Trace",
+    "experiment_fields",
     "is_root",
     "langfuse_receiver",
     "main",

@@ -20,9 +20,9 @@ import uuid
 import zlib
 from typing import Any
 
+from ._datasets import Datasets
 from ._decode import BadBatch, decode_observations, iter_spans, parse_otlp, validate_ids
 from ._http import Abort, Handler, read_body, send, send_json
-from ._ingestion import Ingestion
 from ._state import TRACES_PATH
 
 __all__ = ["LangfuseReceiver"]
@@ -45,7 +45,7 @@ def unsupported_version(value: str | None) -> bool:
     return match is None or int(match.group(1)) > MAX_INGESTION_VERSION
 
 
-class LangfuseReceiver(Ingestion):
+class LangfuseReceiver(Datasets):
     """A loopback HTTP server that accepts what a Langfuse client sends and records it.
 
     Thread-safe: the server answers each connection on its own thread, and every setter and
@@ -85,6 +85,8 @@ class LangfuseReceiver(Ingestion):
             self._handle_scores(handler, at, gen)
         elif method == "POST" and path == INGESTION_PATH:
             self._handle_ingestion(handler, at, gen)
+        elif method == "GET" and self._handle_datasets(handler, path, at):
+            pass
         elif method == "GET" and path == HEALTH_PATH:
             self._record(handler, method, 200, at=at)
             send_json(handler, 200, {"status": "OK", "version": "4.16.0"})

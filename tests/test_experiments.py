@@ -1,0 +1,92 @@
+"""Experiments on real workers: run_experiment sends each item as a Celery task, links each
+item's trace to the run, scores once through the spool, and resumes after the caller died."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+
+import tracing
+from tests.support import Process, wait_until
+from tracing.testing import LangfuseReceiver, experiment_fields
+
+APP = "tests.apps.experiment_app"
+CALLER = [sys.executable, "-m", "tests.apps.experiment_caller"]
+
+
+def run_caller(env: dict[str, str], *args: str, timeout: float = 120) -> tuple[dict[str, Any], str]:
+    """Run the caller process to its end: its JSON result and its output."""
+    caller = Process("experiment caller", [*CALLER, *args], env)
+    try:
+        line = caller.wait_for_line(lambda text: text.startswith("{"), timeout, "its result")
+        assert caller.proc.wait(30) == 0, caller.output_tail()
+    finally:
+        caller.kill_group()
+    return json.loads(line), caller.output
+
+
+def assert_linked(receiver: LangfuseReceiver, result: dict[str, Any], run_name: str) -> None:
+    """Every sent item is exactly one experiment item of the run, rooted at its task."""
+    items = receiver.experiment_items(result["experiment_id"])
+    sent = [i for i in result["items"] if i["state"] != "SKIPPED"]
+    assert len(items) == len(sent), (len(items), len(sent))
+    by_trace = {o.trace_id: o for o in items}
+    for item in sent:
+        root = by_trace[item["trace_id"]]
+        assert root.id == tracing.root_observation_id_for(item["task_id"])
+        assert root.name == "x.answer" and root.parent_observation_id is None
+        fields = experiment_fields(root)
+        assert fields is not None and fields.name == run_name
+        assert fields.description == "a test run" and fields.metadata == {"suite": "tests"}
+        assert root.environment == "sdk-experiment"
+
+
+def expected_scores(result: dict[str, Any]) -> Counter[tuple[str | None, str]]:
+    """One score per item evaluation (on the trace) and one per run evaluation."""
+    wanted: Counter[tuple[str | None, str]] = Counter()
+    for item in result["items"]:
+        for name in item["evaluations"]:
+            wanted[(item["trace_id"], name)] += 1
+    for name in result["run_evaluations"]:
+        wanted[(None, name)] += 1
+    return wanted
+
+
+def received_scores(receiver: LangfuseReceiver) -> Counter[tuple[str | None, str]]:
+    return Counter((s.get("traceId"), str(s["name"])) for s in receiver.scores)  # type: ignore[misc]
+
+
+@pytest.mark.slow
+def test_an_experiment_whose_langfuse_is_down_scores_every_item_once_it_is_back(
+    start_worker, worker_env, receiver
+):
+    """8 local items on 2 workers while Langfuse is down: every item is a result (item 3 with
+    its error), every item's trace is linked to the run once Langfuse is back, and every
+    evaluation arrives exactly once as a score on its item's task observation."""
+    start_worker(APP)
+    start_worker(APP)
+    receiver.down()
+    result, output = run_caller(worker_env, "down-run", "8")
+    assert [i["state"] for i in result["items"]].count("SUCCESS") == 7, output
+    failed = result["items"][3]
+    assert failed["state"] == "FAILURE" and failed["error"] == "ValueError: asked to fail"
+    assert result["items"][0]["evaluations"] == {"exact_match": 1.0, "length": 2}
+    assert result["run_evaluations"] == {"accuracy": pytest.approx(4 / 7)}
+    assert "1 of 8 items failed" in output and "exact_match" in output
+    receiver.up()
+    wanted = expected_scores(result)
+    wait_until(lambda: received_scores(receiver) == wanted, 60,
+               f"{sum(wanted.values())} scores, each once")
+    receiver.wait_for(lambda obs: len(receiver.experiment_items()) >= 8, timeout=60,
+                      what="8 experiment items")
+    assert_linked(receiver, result, "down-run")
+    item_scores = [s for s in receiver.scores if s.get("traceId")]
+    for score in item_scores:
+        task_id = next(i["task_id"] for i in result["items"] if i["trace_id"] == score["traceId"])
+        assert score["observationId"] == tracing.root_observation_id_for(task_id)
+    [run_score] = [s for s in receiver.scores if not s.get("traceId")]
+    assert run_score["datasetRunId"] == result["experiment_id"]
