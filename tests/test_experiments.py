@@ -90,3 +90,44 @@ def test_an_experiment_whose_langfuse_is_down_scores_every_item_once_it_is_back(
         assert score["observationId"] == tracing.root_observation_id_for(task_id)
     [run_score] = [s for s in receiver.scores if not s.get("traceId")]
     assert run_score["datasetRunId"] == result["experiment_id"]
+
+
+def unfinished(worker: Process) -> int:
+    """Items a worker received and did not finish (by its log)."""
+    lines = worker.output.splitlines()
+    received = sum(1 for line in lines if "Task x.answer[" in line and " received" in line)
+    return received - sum(1 for line in lines if "Task x.answer[" in line
+                          and (" succeeded in " in line or " raised " in line))
+
+
+@pytest.mark.slow
+def test_a_run_survives_its_caller_and_a_worker_killed_mid_run(start_worker, worker_env, receiver):
+    """16 items on 2 workers: one worker is SIGKILLed while it runs an item and the caller is
+    SIGKILLed after 4 items settled; calling again with the same run name settles every item
+    exactly once (finished ones reused, not sent again), links every item's trace, and
+    delivers every score once."""
+    env = {**worker_env, "TEST_ITEM_SLEEP": "0.4"}
+    start_worker(APP)
+    doomed = start_worker(APP)
+    caller = Process("experiment caller", [*CALLER, "killed-run", "16"], env)
+    try:
+        caller.wait_for_line("settled 4/16", 60)
+        wait_until(lambda: unfinished(doomed) > 0, 30, "the doomed worker running an item")
+        doomed.kill_group()
+        assert unfinished(doomed) > 0
+    finally:
+        caller.kill_group()
+    first_sent = Counter(line for line in caller.output.splitlines() if line.startswith("settled"))
+    result, output = run_caller(env, "killed-run", "16")
+    assert "resumed:" in output, output
+    assert len({i["task_id"] for i in result["items"]}) == 16
+    assert [i["state"] for i in result["items"]].count("SUCCESS") == 15, output
+    assert result["items"][3]["error"] == "ValueError: asked to fail"
+    assert all(i["evaluations"] for i in result["items"] if i["state"] == "SUCCESS")
+    wanted = expected_scores(result)
+    wait_until(lambda: received_scores(receiver) == wanted, 60,
+               f"{sum(wanted.values())} scores, each once")
+    wait_until(lambda: len(receiver.experiment_items(result["experiment_id"])) == 16, 60,
+               "16 experiment items")
+    assert_linked(receiver, result, "killed-run")
+    assert max(first_sent.values()) == 1

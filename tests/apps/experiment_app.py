@@ -30,7 +30,8 @@ app.conf.update(
     result_serializer="json",
     accept_content=["json"],
     task_acks_late=True,
-    broker_transport_options={"visibility_timeout": 4},
+    broker_transport_options={"visibility_timeout": 4, "unacked_restore_interval": 1,
+                              "unacked_restore_throttle": 1},
 )
 
 tracing.instrument(app)

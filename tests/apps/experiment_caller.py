@@ -9,6 +9,7 @@ line: the result's items (task id, state, error, evaluations), run evaluations, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -25,6 +26,7 @@ def local_items(count: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run_name, count = argv[0], int(argv[1])
     if "--dataset" in argv:
         from langfuse import Langfuse
