@@ -12,6 +12,7 @@ import pytest
 
 import tracing
 from tests.support import Process, wait_until
+from tracing.instrumentation._scores import pending_scores
 from tracing.testing import LangfuseReceiver, experiment_fields
 
 APP = "tests.apps.experiment_app"
@@ -131,3 +132,44 @@ def test_a_run_survives_its_caller_and_a_worker_killed_mid_run(start_worker, wor
                "16 experiment items")
     assert_linked(receiver, result, "killed-run")
     assert max(first_sent.values()) == 1
+
+
+@pytest.mark.slow
+def test_a_dataset_run_links_items_to_the_dataset_and_a_second_call_sends_nothing(
+    start_worker, worker_env, receiver, spool_dir
+):
+    """A Langfuse dataset (fetched with get_dataset from the receiver) as data: each item's
+    observation names the dataset, its item id and expected output, under the server's
+    experiment id; calling again with the same run name sends no task and writes no score."""
+    from tracing.instrumentation._experiment_items import server_experiment_id
+
+    dataset = receiver.add_dataset("capitals", [
+        {"input": {"question": f"c{i}"}, "expected_output": f"C{i}", "metadata": {"n": i}}
+        for i in range(4)])
+    worker = start_worker(APP)
+    result, _ = run_caller(worker_env, "dataset-run", "0", "--dataset", "capitals")
+    assert result["experiment_id"] == server_experiment_id("demo-project", dataset["id"],
+                                                           "dataset-run")
+    assert result["experiment_url"].endswith(f"baseline={result['experiment_id']}")
+    assert [i["evaluations"]["exact_match"] for i in result["items"]] == [1.0] * 4
+    wanted = expected_scores(result)
+    wait_until(lambda: received_scores(receiver) == wanted, 60, "the scores, each once")
+    wait_until(lambda: len(receiver.experiment_items(result["experiment_id"])) == 4, 60,
+               "4 experiment items")
+    assert_linked(receiver, result, "dataset-run")
+    item_ids = {row["id"] for row in receiver._dataset_items["capitals"]}
+    for root in receiver.experiment_items(result["experiment_id"]):
+        fields = experiment_fields(root)
+        assert fields is not None and fields.dataset_id == dataset["id"]
+        assert fields.item_id in item_ids and fields.item_metadata.keys() == {"n"}
+        assert fields.item_expected_output == f"C{fields.item_metadata['n']}"
+        assert root.metadata["dataset_item_id"] == fields.item_id
+    executed = worker.output.count("Task x.answer[")
+    again, output = run_caller(worker_env, "dataset-run", "0", "--dataset", "capitals")
+    assert "resumed: 4 item(s) finished before, 0 in flight, 0 to send" in output, output
+    assert [i["evaluations"] for i in again["items"]] == [i["evaluations"] for i in result["items"]]
+    assert again["run_evaluations"] == result["run_evaluations"]
+    assert worker.output.count("Task x.answer[") == executed
+    # Whatever the second call wrote to the spool is shipped once nothing is pending there.
+    wait_until(lambda: pending_scores(spool_dir) == 0, 30, "the spool's scores shipped")
+    assert received_scores(receiver) == wanted

@@ -15,6 +15,9 @@ id (as a Celery task id)                    state                 result
                                                                    the task was published
                                              ``SUCCESS``           ``{"evaluations": [...]}``:
                                                                    its scores are on the spool
+``celery-langfuse-experiment-scored:<hash>`` ``STARTED``           ``{"evaluations": [...]}``:
+                                                                   the run-level scores last
+                                                                   written (overwritable)
 ==========================================  ====================  ============================
 
 ``<hash>`` is 32 hex digits of sha256 over the run name and dataset id; ``<task>`` the item's
@@ -46,6 +49,7 @@ __all__ = ["Ledger"]
 
 _RUN_PREFIX = "celery-langfuse-experiment-run:"
 _ITEM_PREFIX = "celery-langfuse-experiment-item:"
+_RUN_SCORED_PREFIX = "celery-langfuse-experiment-scored:"
 SENT = "RECEIVED"
 SCORED = "SUCCESS"
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
@@ -58,7 +62,9 @@ class Ledger:
     def __init__(self, backend: Any, run_name: str, dataset_id: str | None) -> None:
         self.backend = backend
         seed = f"{run_name}\x00{dataset_id or ''}"
-        self.run_id = _RUN_PREFIX + hashlib.sha256(seed.encode()).hexdigest()[:32]
+        digest = hashlib.sha256(seed.encode()).hexdigest()[:32]
+        self.run_id = _RUN_PREFIX + digest
+        self.run_scored_id = _RUN_SCORED_PREFIX + digest
 
     def experiment_id(self, make: Any) -> str:
         """The run's experiment id: the one the first call stored, else ``make()`` stored."""
@@ -82,6 +88,17 @@ class Ledger:
     def mark_scored(self, task_id: str, evaluations: Sequence[Mapping[str, Any]]) -> None:
         self.backend.store_result(_ITEM_PREFIX + task_id, {"evaluations": list(evaluations)},
                                   SCORED)
+
+    def run_scored(self) -> list[Any] | None:
+        """The run-level evaluations whose scores were last written, or None."""
+        result = self.meta([self.run_scored_id])[self.run_scored_id].get("result")
+        found = result.get("evaluations") if isinstance(result, Mapping) else None
+        return list(found) if isinstance(found, list) else None
+
+    def mark_run_scored(self, evaluations: Sequence[Mapping[str, Any]]) -> None:
+        # Not SUCCESS: a result backend ignores any later write over a SUCCESS.
+        self.backend.store_result(self.run_scored_id, {"evaluations": list(evaluations)},
+                                  "STARTED")
 
     def marks(self, task_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Each task id's mark: ``{"status": ..., "result": ...}`` (``PENDING``: none)."""

@@ -120,12 +120,21 @@ def run_experiment(
     succeeded = [r for r in item_results if r.error is None]
     run_evaluations = [e for evaluator in run_evaluators
                        for e in evaluate(evaluator, item_results=succeeded)]
-    score_evaluations(run_evaluations, dataset_run_id=experiment_id)
+    _score_run(ledger, run_evaluations, experiment_id)
     return TaskRunResult(
         name=name, run_name=run_name, description=description,
         item_results=list(item_results), run_evaluations=run_evaluations,
         experiment_id=experiment_id, experiment_url=_experiment_url(config, experiment_id),
     )
+
+
+def _score_run(ledger: Ledger, evaluations: Sequence[Any], experiment_id: str) -> None:
+    """Run-level scores, unless the last call of this run wrote the very same ones."""
+    as_dicts = [evaluation_to_dict(e) for e in evaluations]
+    if as_dicts == ledger.run_scored():
+        return
+    if score_evaluations(evaluations, dataset_run_id=experiment_id):
+        ledger.mark_run_scored(as_dicts)
 
 
 def _sender(task: Any, app: Any) -> tuple[Any, Any]:
