@@ -100,7 +100,8 @@ class Datasets(Ingestion):
 
     def _items_page(self, raw_path: str) -> tuple[int, dict[str, Any]]:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(raw_path).query)
-        name = (query.get("datasetName") or [None])[0]
+        names_given = query.get("datasetName")
+        name = names_given[0] if names_given else None
         try:
             page = int((query.get("page") or ["1"])[0])
             limit = int((query.get("limit") or ["50"])[0])

@@ -102,7 +102,8 @@ def _metadata(attributes: dict[str, Any], prefix: str) -> dict[str, Any]:
         except ValueError:
             parsed = None
         if isinstance(parsed, (dict, list)):
-            out.update(parsed if isinstance(parsed, dict) else dict(enumerate(parsed)))
+            out.update(parsed if isinstance(parsed, dict)
+                       else {str(i): v for i, v in enumerate(parsed)})
     for key, value in attributes.items():
         if key.startswith(prefix + ".") and len(key) > len(prefix) + 1:
             out[key[len(prefix) + 1:]] = value
