@@ -59,9 +59,8 @@ def test_items_and_task_ids_are_derived_from_the_run_and_the_item():
     """Dicts are keyed by position, dataset items by their id; a task id depends only on
     the run name and that key, so a second call computes the same ids."""
     local = items_of(DATA).items
-    assert local[0].payload == {"input": {"question": "q0"},
-                                             "expected_output": "Q0",
-                                             "metadata": {"level": "easy"}}
+    assert local[0].payload == {"input": {"question": "q0"}, "expected_output": "Q0",
+                                "metadata": {"level": "easy"}}
     remote = items_of(SimpleNamespace(items=[dataset_item(1)], version=None))
     assert remote.dataset_id == "ds-1" and remote.items[0].payload["id"] == "item-1"
     ids = [task_id_for("run-a", i) for i in local]
