@@ -173,3 +173,32 @@ def test_a_dataset_run_links_items_to_the_dataset_and_a_second_call_sends_nothin
     # Whatever the second call wrote to the spool is shipped once nothing is pending there.
     wait_until(lambda: pending_scores(spool_dir) == 0, 30, "the spool's scores shipped")
     assert received_scores(receiver) == wanted
+
+
+@pytest.mark.slow
+def test_the_cli_runs_a_dataset_with_a_progress_bar_and_a_summary_table(
+    start_worker, worker_env, receiver
+):
+    """`celery -A app langfuse experiment --dataset ... --task ... --evaluator module:func`
+    runs the dataset on the workers, shows a progress bar and ends with a summary table;
+    an item that fails makes the exit status 1 and is named."""
+    receiver.add_dataset("cli-set", [{"input": {"question": q}, "expected_output": q.upper()}
+                                     for q in ("a", "b", "fail")])
+    start_worker(APP)
+    command = [sys.executable, "-m", "celery", "-A", APP, "langfuse", "experiment",
+               "--dataset", "cli-set", "--task", "x.answer", "--run-name", "cli-run",
+               "--evaluator", f"{APP}:exact_match", "--run-evaluator", f"{APP}:accuracy",
+               "--max-concurrency", "2"]
+    cli = Process("celery langfuse experiment", command, worker_env)
+    try:
+        assert cli.proc.wait(120) == 1, cli.output_tail()
+    finally:
+        cli.kill_group()
+    cli.wait_for_line("failed: task", 10)
+    output = cli.output
+    assert "cli-set: items" in output, output  # the bar's label (no TTY: no redraws)
+    table = output[output.index("count"):]
+    assert "items" in table and "failed" in table, table
+    assert any(line.split()[:4] == ["exact_match", "2", "1.000", "1.000"]
+               for line in table.splitlines()), table
+    assert "run: accuracy" in table and "ValueError: asked to fail" in table

@@ -4,6 +4,8 @@
 ``drain``        ship the spool now, bounded by ``--timeout``, with a progress bar
 ``dead-letter``  ``list`` / ``replay`` / ``purge`` the records Langfuse rejected
 ``check``        verify the Langfuse host and keys: health, then an authenticated call
+``experiment``   (``celery -A app langfuse experiment`` only) a dataset run as Celery tasks,
+                 see ``_cli_experiment``
 
 The same commands run as a Celery sub-command, ``celery [-A app] langfuse status|drain|...``:
 pyproject registers :data:`celery_command` under the ``celery.commands`` entry point group,
@@ -25,6 +27,7 @@ from typing import Any
 import click
 import httpx
 
+from tracing._cli_experiment import experiment
 from tracing._config import Config, ConfigError, load_config, setting_sources
 from tracing.shipping._delivery import cut
 from tracing.shipping._shipper import STATUS_FILE, Shipper
@@ -280,10 +283,11 @@ def _check_steps(client: httpx.Client, config: Config) -> Any:
         yield "keys", f"FAILED: HTTP {response.status_code}: {cut(response.text, 200)}"
 
 
-# `celery langfuse ...`: one group named after the sub-command, sharing main's commands.
+# `celery langfuse ...`: one group named after the sub-command, with main's commands and
+# `experiment`, which needs the app given by `celery -A` (its broker and result backend).
 celery_command = click.Group(
     "langfuse",
-    commands=main.commands,
+    commands={**main.commands, "experiment": experiment},
     help="Operate celery-langfuse: inspect and ship a trace spool, check Langfuse.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
