@@ -35,8 +35,8 @@ def _run_demo() -> tuple[int, str]:
 @pytest.mark.slow
 def test_demo_prints_every_trace_and_exits_zero() -> None:
     """The demo exits 0 after printing agent, generation, tool, failed and retried
-    observations, a beat run's trace, a score and queue waits, and a summary with no
-    duplicates and every task delivered."""
+    observations, a beat run's trace, a score and queue waits, an experiment's summary
+    table and run score, and a summary with no duplicates and every task delivered."""
     code, output = _run_demo()
     assert code == 0, output
     for marker in ("[agent]", "[generation]", "[tool]"):
@@ -44,7 +44,10 @@ def test_demo_prints_every_trace_and_exits_zero() -> None:
     assert re.search(r"tasks\.classify \[span\] ERROR .*InvalidJobInput", output), output
     assert re.search(r'tasks\.summarize \[span\] WARNING .*"retry: RetryableLLMError', output)
     summary = re.search(r"^summary: (\d+) traces, .* 0 duplicates$", output, re.MULTILINE)
-    assert summary and int(summary.group(1)) == 11, output  # 10 jobs and one beat run
+    # 10 jobs, one beat run and the experiment's 6 items (each item its own trace)
+    assert summary and int(summary.group(1)) == 17, output
+    assert re.search(r"^  label_match +6 ", output, re.MULTILINE), output
+    assert re.search(r"^score: accuracy=[\d.]+ on experiment run \w+", output, re.MULTILINE)
     assert "delivery: every enqueued task has an observation" in output, output
     assert re.search(r"^trace \w+ name='hourly-digest' tags=\['beat'\]$", output, re.MULTILINE)
     assert re.search(r"^score: helpful=1(\.0)? on trace \w+", output, re.MULTILINE), output

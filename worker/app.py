@@ -16,7 +16,7 @@ app = Celery(
     "worker",
     broker=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0"),
     backend=os.environ.get("CELERY_RESULT_BACKEND", "redis://localhost:6379/1"),
-    include=["tasks.jobs"],
+    include=["tasks.jobs", "tasks.experiments"],
 )
 app.conf.update(
     task_serializer="json",

@@ -41,6 +41,7 @@ from harness import (
     WorkerProcess,
     find_redis_server,
 )
+from worker.demo_experiment import run_experiment_demo
 
 PUBLIC_KEY = "pk-lf-demo"
 SECRET_KEY = "sk-lf-demo"
@@ -510,7 +511,9 @@ def report(sent: Sequence[Sent], capture_url: str) -> None:
     if not scores:
         raise DemoError("the score never reached the capture server")
     for score in scores:
-        log(f"score: {score.get('name')}={score.get('value')} on trace {score.get('traceId')} "
+        target = (f"trace {score['traceId']}" if score.get("traceId")
+                  else f"experiment run {score.get('datasetRunId')}")
+        log(f"score: {score.get('name')}={score.get('value')} on {target} "
             f"({score.get('comment') or 'no comment'})")
 
 
@@ -530,6 +533,10 @@ def run(workdir: Path, services: list[Process]) -> None:
     log("waiting for the results:")
     wait_for_results(sent, env["CELERY_RESULT_BACKEND"])
     score_first_job(sent, env)
+    try:
+        run_experiment_demo(env, capture_url, log)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        raise DemoError(str(exc)) from None
     run_beat_once(env, workdir, capture_url, services)
     stop_worker(worker)
     report(sent, capture_url)

@@ -73,7 +73,8 @@ Run standalone (for demos, or to watch a worker from another terminal)::
 
 It prints ``listening on http://127.0.0.1:3000`` and serves ``GET /_receiver/observations``
 and ``/_receiver/traces`` (JSON), ``GET /_receiver/tree`` (text), ``GET /_receiver/requests``,
-``GET /_receiver/scores``, ``GET /_receiver/duplicates`` and ``POST /_receiver/clear``.
+``GET /_receiver/scores``, ``GET /_receiver/duplicates``, ``POST /_receiver/clear`` and
+``POST /_receiver/datasets`` (``{"name": ..., "items": [...]}``: a dataset to serve).
 """
 
 from __future__ import annotations

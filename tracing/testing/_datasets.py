@@ -15,11 +15,13 @@ langfuse/langfuse 4.16.0 (commit 6275144) does:
   ``APIDatasetItem`` in ``web/src/features/public-api/types/datasets.ts``.
 
 Both need Basic auth like every project route (``_routing``). Datasets are put in place by a
-test with :meth:`Datasets.add_dataset`.
+test with :meth:`Datasets.add_dataset`, or from another process with ``POST
+/_receiver/datasets`` (``{"name": ..., "items": [...]}``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import urllib.parse
 import uuid
@@ -79,6 +81,24 @@ class Datasets(Ingestion):
             if experiment_id is None or fields.experiment_id == experiment_id:
                 items[observation.id] = observation
         return list(items.values())
+
+    def _handle_control(self, handler: Handler, method: str, path: str) -> None:
+        """``POST /_receiver/datasets`` with ``{"name", "items", "description"?}`` creates a
+        dataset (for a receiver in another process: ``python -m tracing.testing``)."""
+        if not (method == "POST" and path == "/_receiver/datasets"):
+            super()._handle_control(handler, method, path)
+            return
+        body, _ = read_body(handler, None)
+        try:
+            document = json.loads(body or b"null")
+            name, items = document["name"], document["items"]
+            if not isinstance(name, str) or not isinstance(items, list):
+                raise TypeError("name must be a string and items a list")
+        except (ValueError, KeyError, TypeError) as exc:
+            send_json(handler, 400, {"message": f"expected {{name, items}}: {exc}"})
+            return
+        send_json(handler, 200, self.add_dataset(name, items,
+                                                 description=document.get("description")))
 
     def _handle_datasets(self, handler: Handler, path: str, at: float) -> bool:
         """Answer a dataset route (True), or leave the request to others (False)."""
