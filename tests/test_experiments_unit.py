@@ -211,3 +211,25 @@ def test_the_summary_is_the_sdks_plus_the_failed_items():
     text = result.format()
     assert "exact: 1.000" in text and "1 of 2 items failed" in text
     assert "task b: ValueError: no" in text and result.failed == [bad]
+
+
+def test_evaluators_may_be_async_and_a_failing_one_is_skipped():
+    """An async evaluator's result is awaited (also from inside a running event loop); an
+    evaluator that raises gives no evaluation and does not stop the others."""
+    import asyncio
+
+    from tracing.instrumentation._experiment_results import evaluate
+
+    async def judged(**_: Any) -> dict[str, Any]:
+        return {"name": "judged", "value": 0.5}
+
+    def broken(**_: Any) -> Evaluation:
+        raise RuntimeError("judge down")
+
+    assert [e.name for e in evaluate(judged, output=1)] == ["judged"]
+    assert evaluate(broken, output=1) == []
+
+    async def inside_a_loop() -> list[Evaluation]:
+        return evaluate(judged, output=1)
+
+    assert [e.value for e in asyncio.run(inside_a_loop())] == [0.5]

@@ -20,6 +20,7 @@ one target), so scoring an item again is an upsert in Langfuse, never a second s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import json
 import logging
@@ -78,7 +79,7 @@ def evaluate(evaluator: Callable[..., Any], **kwargs: Any) -> list[Evaluation]:
     try:
         result = evaluator(**kwargs)
         if inspect.isawaitable(result):
-            result = asyncio.run(_awaited(result))
+            result = _wait(result)
         candidates = result if isinstance(result, list) else [result]
         return [Evaluation(**c) if isinstance(c, Mapping) else c
                 for c in candidates if isinstance(c, (Mapping, Evaluation))]
@@ -90,6 +91,17 @@ def evaluate(evaluator: Callable[..., Any], **kwargs: Any) -> list[Evaluation]:
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _wait(awaitable: Any) -> Any:
+    """An async evaluator's result; in a thread of its own if this one runs an event loop
+    (a notebook), where ``asyncio.run`` is refused."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited(awaitable))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, _awaited(awaitable)).result()
 
 
 def score_evaluations(
