@@ -202,3 +202,13 @@ def test_the_cli_runs_a_dataset_with_a_progress_bar_and_a_summary_table(
     assert any(line.split()[:4] == ["exact_match", "2", "1.000", "1.000"]
                for line in table.splitlines()), table
     assert "run: accuracy" in table and "ValueError: asked to fail" in table
+
+
+@pytest.mark.slow
+def test_resend_unfinished_sends_an_item_whose_message_was_lost(start_worker, worker_env):
+    """An item marked published whose message never arrived (a worker killed without late
+    acknowledgement) is sent again by a call with resend_unfinished, and settles."""
+    start_worker(APP)
+    result, output = run_caller(worker_env, "lost-run", "2", "--lost", "--resend-unfinished")
+    assert [i["state"] for i in result["items"]] == ["SUCCESS", "SUCCESS"], output
+    assert result["items"][0]["output"] == {"answer": "Q0"}

@@ -4,7 +4,8 @@
 
     celery -A myservice langfuse experiment --dataset qa-set --task tasks.answer \\
         --evaluator evals:exact_match [--evaluator ...] [--run-evaluator evals:accuracy] \\
-        [--name NAME] [--run-name NAME] [--description TEXT] [--max-concurrency N]
+        [--name NAME] [--run-name NAME] [--description TEXT] [--max-concurrency N] \\
+        [--resend-unfinished]
 
 Fetches the dataset with the Langfuse SDK (``Langfuse.get_dataset``, with the configured
 ``LANGFUSE_*`` keys), runs ``tracing.run_experiment`` with the app given by ``-A`` (its broker
@@ -52,10 +53,12 @@ def _function(spec: str) -> Callable[..., Any]:
 @click.option("--description", help="Description of the experiment.")
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=50, show_default=True,
               help="Items in flight at most.")
+@click.option("--resend-unfinished", is_flag=True,
+              help="Resume: send again the items published before that never finished.")
 @click.pass_context
 def experiment(ctx: click.Context, dataset: str, task_name: str, evaluators: Sequence[str],
                run_evaluators: Sequence[str], name: str | None, run_name: str | None,
-               description: str | None, max_concurrency: int) -> None:
+               description: str | None, max_concurrency: int, resend_unfinished: bool) -> None:
     """Run a Langfuse dataset as Celery tasks on the workers, with evaluators."""
     app = getattr(ctx.obj, "app", None)
     if app is None:
@@ -71,7 +74,7 @@ def experiment(ctx: click.Context, dataset: str, task_name: str, evaluators: Seq
         result = run_experiment(
             name=name or dataset, data=data, task=task_name, evaluators=item_evaluators,
             run_evaluators=run_level, run_name=run_name, description=description,
-            max_concurrency=max_concurrency, app=app,
+            max_concurrency=max_concurrency, app=app, resend_unfinished=resend_unfinished,
             on_progress=lambda done, total, item: bar.update(1))
     for line in summary_table(result):
         click.echo(line)

@@ -1,7 +1,9 @@
 """A caller process for the experiment tests: runs one experiment and prints what it got.
 
-``python -m tests.apps.experiment_caller RUN_NAME N [--dataset NAME]``: runs ``x.answer`` over
-N local items (item 3 fails) or over the receiver's dataset NAME, with the evaluators of
+``python -m tests.apps.experiment_caller RUN_NAME N [--dataset NAME] [--lost]
+[--resend-unfinished]``: runs ``x.answer`` over N local items (item 3 fails) or over the
+receiver's dataset NAME (``--lost``: item 0 marked published first, as if its message had been
+lost), with the evaluators of
 ``tests.apps.experiment_app``; prints ``settled <done>/<total>`` as items settle, then one JSON
 line: the result's items (task id, state, error, evaluations), run evaluations, experiment id.
 """
@@ -36,6 +38,13 @@ def main(argv: list[str]) -> int:
     else:
         data = local_items(count)
 
+    if "--lost" in argv:  # a published mark for item 0 whose message never reached Redis
+        from tracing.instrumentation._experiment_items import items_of, task_id_for
+        from tracing.instrumentation._experiment_ledger import Ledger
+
+        item = items_of(data).items[0]
+        Ledger(answer.app.backend, run_name, None).mark_sent(task_id_for(run_name, item))
+
     def progress(done: int, total: int, _: Any) -> None:
         print(f"settled {done}/{total}", flush=True)
 
@@ -43,7 +52,7 @@ def main(argv: list[str]) -> int:
         name="caller-test", data=data, task=answer, evaluators=[exact_match, length],
         run_evaluators=[accuracy], run_name=run_name, description="a test run",
         metadata={"suite": "tests"}, max_concurrency=int(os.environ.get("TEST_CONCURRENCY", "4")),
-        on_progress=progress)
+        on_progress=progress, resend_unfinished="--resend-unfinished" in argv)
     print(result.format(), file=sys.stderr, flush=True)
     print(json.dumps({
         "experiment_id": result.experiment_id,

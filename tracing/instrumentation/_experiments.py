@@ -24,7 +24,7 @@ task_id=<derived from the run name and the item>)``, and runs on whichever worke
 The run waits for every item to reach a final state (``SUCCESS``, ``FAILURE``, ``REVOKED``),
 polling the result backend with one batched read per round (20 ms, doubling to 0.5 s while
 nothing arrives). A task whose message is lost never gets there: stop the call (Ctrl-C) and
-call again with the same run name, which sends items whose mark says they were never sent.
+call again with the same run name and ``resend_unfinished=True``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def run_experiment(
     max_concurrency: int = 50,
     app: Any = None,
     on_progress: Progress | None = None,
+    resend_unfinished: bool = False,
 ) -> TaskRunResult:
     """Run an experiment over ``data`` with ``task`` on the Celery workers; see the module doc.
 
@@ -94,7 +95,9 @@ def run_experiment(
     bounds the items in flight (sent, not finished). ``task``: a Celery task, or the name of
     one (registered in ``app``, else sent by name). ``app``: the Celery app (default: the
     task's, else the current app); it needs a result backend. ``on_progress(done, total,
-    item_result)`` is called once per item as it is settled.
+    item_result)`` is called once per item as it is settled. ``resend_unfinished``: send
+    again, under the same task ids, the items a previous call published that have not
+    finished (their messages were lost: a worker killed without late acknowledgement).
 
     Returns a ``TaskRunResult`` (the SDK's ``ExperimentResult``): ``item_results`` in the
     order of ``data``, every item exactly once (failed items with ``error``),
@@ -115,7 +118,7 @@ def run_experiment(
     logger.info("celery-langfuse: experiment %r run %r (%s): %d item(s), task %s", name,
                 run_name, experiment_id, len(found.items), getattr(sender, "name", sender))
     runner = _Runner(run, found.items, sender, ledger, tuple(evaluators), max_concurrency,
-                     on_progress)
+                     on_progress, resend_unfinished)
     item_results = runner.run()
     succeeded = [r for r in item_results if r.error is None]
     run_evaluations = [e for evaluator in run_evaluators
@@ -195,9 +198,10 @@ class _Runner:
 
     def __init__(self, run: Run, items: Sequence[Item], sender: Any, ledger: Ledger,
                  evaluators: Sequence[Callable[..., Any]], limit: int,
-                 on_progress: Progress | None) -> None:
+                 on_progress: Progress | None, resend_unfinished: bool = False) -> None:
         self.run_info, self.items, self.sender, self.ledger = run, items, sender, ledger
         self.evaluators, self.limit, self.on_progress = evaluators, limit, on_progress
+        self.resend_unfinished = resend_unfinished
         self.task_ids = {item.index: task_id_for(run.run_name, item) for item in items}
         self.index_of = {task_id: index for index, task_id in self.task_ids.items()}
         self.results: dict[int, TaskItemResult] = {}
@@ -239,7 +243,7 @@ class _Runner:
             elif task_id in ready:
                 reused += 1
                 self._settle(self._finished(item, task_id, ready[task_id]))
-            elif mark.get("status") == SENT:
+            elif mark.get("status") == SENT and not self.resend_unfinished:
                 in_flight[task_id] = item
             else:
                 to_send.append(item)
