@@ -32,10 +32,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tracing import _sdk
-from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
+from tracing.instrumentation._task_span import root_observation_id_for
 
-__all__ = ["EXPERIMENT_ENVIRONMENT", "Item", "item_attributes", "items_of", "local_experiment_id",
-           "server_experiment_id", "task_id_for"]
+__all__ = ["EXPERIMENT_ENVIRONMENT", "Item", "Items", "Run", "item_attributes", "item_id_of",
+           "items_of", "local_experiment_id", "serialize", "server_experiment_id", "task_id_for"]
 
 EXPERIMENT_ENVIRONMENT = "sdk-experiment"  # the SDK's LANGFUSE_SDK_EXPERIMENT_ENVIRONMENT
 
@@ -84,10 +84,9 @@ def items_of(data: Any) -> Items:
 
     ``TypeError`` naming the position of an item that is neither a dict nor a dataset item.
     """
-    version = getattr(data, "version", None) if hasattr(data, "items") and not isinstance(
-        data, (Mapping, Sequence)) else None
-    if hasattr(data, "items") and not isinstance(data, (Mapping, Sequence)):
-        data = list(data.items)  # a DatasetClient
+    version = None
+    if hasattr(data, "items") and not isinstance(data, (Mapping, Sequence)):  # a DatasetClient
+        version, data = getattr(data, "version", None), list(data.items)
     if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Sequence):
         raise TypeError("run_experiment(data=...): expected a list of dicts (input, "
                         "expected_output, metadata), a list of dataset items, or a dataset "
@@ -200,8 +199,3 @@ def _utc_text(when: datetime) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def trace_of(task_id: str) -> str:
-    """The item's trace id (its task is the root of its own trace)."""
-    return trace_id_for(task_id)
