@@ -233,3 +233,26 @@ def test_evaluators_may_be_async_and_a_failing_one_is_skipped():
         return evaluate(judged, output=1)
 
     assert [e.value for e in asyncio.run(inside_a_loop())] == [0.5]
+
+
+def test_what_cannot_run_an_experiment_is_refused_up_front():
+    """No result backend, a task that ignores its result, a plain function or a bad
+    max_concurrency: each is refused before anything is sent, saying what to change."""
+    from celery import Celery
+
+    import tracing
+
+    def echo(item: Any) -> Any:
+        return item
+
+    no_backend = Celery("no-backend", broker="memory://")
+    with pytest.raises(ValueError, match="result backend"):
+        tracing.run_experiment(name="e", data=DATA, task=no_backend.task(echo, name="t.a"))
+    app = Celery("with-backend", broker="memory://", backend="cache+memory://")
+    quiet = app.task(echo, name="t.quiet", ignore_result=True)
+    with pytest.raises(ValueError, match="ignore_result=False"):
+        tracing.run_experiment(name="e", data=DATA, task=quiet)
+    with pytest.raises(TypeError, match=r"Langfuse\.run_experiment"):
+        tracing.run_experiment(name="e", data=DATA, task=lambda item: item)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        tracing.run_experiment(name="e", data=DATA, task="t.a", app=app, max_concurrency=0)
