@@ -135,8 +135,8 @@ def on_task_prerun(
     # and detaches the context: a context left attached would leak into the next task.
     active = _active[task_id] = _Active(
         span, [otel_context.attach(task_context(span))], options)
-    experiment: dict[str, Any] = safely("reading the experiment header", {},
-                        lambda: experiment_attributes(request))
+    experiment: dict[str, Any] = safely(
+        "reading the experiment header", {}, lambda: experiment_attributes(request))
     if experiment:  # an item of run_experiment: before the open attempt records the span
         span.set_attributes(experiment)
     attributes = incoming.attributes.merged(_extract(options, kwargs))
