@@ -236,8 +236,8 @@ def test_evaluators_may_be_async_and_a_failing_one_is_skipped():
 
 
 def test_what_cannot_run_an_experiment_is_refused_up_front():
-    """No result backend, a task that ignores its result, a plain function or a bad
-    max_concurrency: each is refused before anything is sent, saying what to change."""
+    """No result backend, rpc:// results, a task that ignores its result, a plain function or
+    a bad max_concurrency: each is refused before anything is sent, saying what to change."""
     from celery import Celery
 
     import tracing
@@ -248,6 +248,9 @@ def test_what_cannot_run_an_experiment_is_refused_up_front():
     no_backend = Celery("no-backend", broker="memory://")
     with pytest.raises(ValueError, match="result backend"):
         tracing.run_experiment(name="e", data=DATA, task=no_backend.task(echo, name="t.a"))
+    rpc = Celery("rpc-backend", broker="memory://", backend="rpc://")
+    with pytest.raises(ValueError, match="stores results"):
+        tracing.run_experiment(name="e", data=DATA, task=rpc.task(echo, name="t.r"))
     app = Celery("with-backend", broker="memory://", backend="cache+memory://")
     quiet = app.task(echo, name="t.quiet", ignore_result=True)
     with pytest.raises(ValueError, match="ignore_result=False"):

@@ -158,11 +158,16 @@ def _sender(task: Any, app: Any) -> tuple[Any, Any]:
 
         app = current_app
     from celery.backends.base import DisabledBackend
+    from celery.backends.rpc import RPCBackend
 
     if isinstance(app.backend, DisabledBackend):
         raise ValueError("run_experiment needs a result backend on the Celery app (the items' "
                          "outputs come back through it): set result_backend / "
                          "CELERY_RESULT_BACKEND")
+    if isinstance(app.backend, RPCBackend):
+        raise ValueError("run_experiment needs a result backend that stores results (redis, a "
+                         "database, ...): rpc:// sends them only to the process that sent the "
+                         "task, so a resumed run could never find them")
     if getattr(sender, "ignore_result", False):
         raise ValueError(f"task {sender.name} ignores its result (ignore_result=True): "
                          "run_experiment cannot see its outputs; set ignore_result=False")
