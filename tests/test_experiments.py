@@ -109,7 +109,10 @@ def test_a_run_survives_its_caller_and_a_worker_killed_mid_run(start_worker, wor
     delivers every score once."""
     env = {**worker_env, "TEST_ITEM_SLEEP": "0.4"}
     start_worker(APP)
-    doomed = start_worker(APP)
+    # One process, prefetch 1, late acks: while it runs an item it fetches no other message.
+    # (Killed while fetching, a Redis worker loses the message it popped: kombu records it as
+    # unacknowledged only after BRPOP returned; resend_unfinished is for that.)
+    doomed = start_worker(APP, concurrency=1)
     caller = Process("experiment caller", [*CALLER, "killed-run", "16"], env)
     try:
         caller.wait_for_line("settled 4/16", 60)

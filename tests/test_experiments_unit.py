@@ -259,3 +259,97 @@ def test_what_cannot_run_an_experiment_is_refused_up_front():
         tracing.run_experiment(name="e", data=DATA, task=lambda item: item)
     with pytest.raises(ValueError, match="max_concurrency"):
         tracing.run_experiment(name="e", data=DATA, task="t.a", app=app, max_concurrency=0)
+
+
+class FakeBackend:
+    """A result backend in memory: what the ledger reads and writes (no mget: one read each)."""
+
+    def __init__(self) -> None:
+        self.metas: dict[str, dict[str, Any]] = {}
+        self.later: dict[str, dict[str, Any]] = {}  # stored on the first read: a task finishing
+
+    def store_result(self, task_id: str, result: Any, state: str) -> None:
+        self.metas[task_id] = {"status": state, "result": result}
+
+    def get_task_meta(self, task_id: str, cache: bool = True) -> dict[str, Any]:
+        meta = dict(self.metas.get(task_id) or {"status": "PENDING", "result": None})
+        if task_id in self.later:
+            self.metas[task_id] = self.later.pop(task_id)
+        return meta
+
+
+class FakeTask:
+    """Records what is sent; a test settles a sent task by storing its result."""
+
+    name = "t.fake"
+
+    def __init__(self, backend: FakeBackend, succeed: bool = True) -> None:
+        self.backend, self.succeed, self.sent = backend, succeed, []
+
+    def apply_async(self, *, kwargs: Any, task_id: str, root_id: str, headers: Any) -> None:
+        self.sent.append(task_id)
+        if self.succeed:
+            self.backend.store_result(task_id, {"echo": kwargs["item"]["input"]}, "SUCCESS")
+
+
+def _runner(backend: FakeBackend, task: FakeTask, run_name: str = "r") -> Any:
+    from tracing.instrumentation._experiment_ledger import Ledger
+    from tracing.instrumentation._experiments import _Runner
+
+    data = [{"input": i, "expected_output": {"echo": i}} for i in range(4)]
+    run = Run("exp", run_name, "e" * 16, None, None, None, None)
+
+    def match(*, output: Any, expected_output: Any, **_: Any) -> Evaluation:
+        return Evaluation(name="match", value=float(output == expected_output))
+
+    return _Runner(run, items_of(data).items, task, Ledger(backend, run_name, None), [match],
+                   2, None)
+
+
+def test_a_resumed_run_settles_reuses_waits_or_sends_each_item_by_its_marks(monkeypatch):
+    """Scored items are reused, finished ones evaluated, published ones waited for, the rest
+    sent: every item settled once, only the unsent item sent, each score written once."""
+    from tracing.instrumentation import _experiment_results
+    from tracing.instrumentation._experiment_ledger import Ledger
+
+    scores: list[dict[str, Any]] = []
+    monkeypatch.setattr(_experiment_results, "record_score", lambda **f: scores.append(f))
+    backend = FakeBackend()
+    first = _runner(backend, FakeTask(backend))
+    ids = [first.task_ids[i] for i in range(4)]
+    ledger = Ledger(backend, "r", None)
+    backend.store_result(ids[0], {"echo": 0}, "SUCCESS")  # scored by the dead caller
+    ledger.mark_scored(ids[0], [{"name": "match", "value": 1.0}])
+    backend.store_result(ids[1], {"echo": 1}, "SUCCESS")  # finished, not scored
+    ledger.mark_sent(ids[2])                               # published, still running
+    backend.later[ids[2]] = {"status": "SUCCESS", "result": {"echo": 2}}  # finishes later
+    task = FakeTask(backend)
+    results = _runner(backend, task).run()
+    assert task.sent == [ids[3]]
+    assert [r.output for r in results] == [{"echo": i} for i in range(4)]
+    assert [[e.value for e in r.evaluations] for r in results] == [[1.0]] * 4
+    assert sorted(s["trace_id"] for s in scores) == sorted(r.trace_id for r in results[1:])
+
+
+def test_a_run_with_nothing_settling_warns_once_naming_an_item(monkeypatch, caplog):
+    """Items in flight that never settle (lost messages) make the run say so once, naming a
+    task and resend_unfinished, while it keeps waiting."""
+    from tracing.instrumentation import _experiments
+
+    backend = FakeBackend()
+    task = FakeTask(backend, succeed=False)
+    runner = _runner(backend, task)
+    monkeypatch.setattr(_experiments, "STALL_WARNING", 0.05)
+    polls = []
+
+    def results(tids: Any) -> dict[str, Any]:
+        polls.append(1)
+        if len(polls) < 12:
+            return {}
+        return {t: {"status": "FAILURE", "result": "lost"} for t in tids}
+
+    monkeypatch.setattr(runner.ledger, "results", results)
+    with caplog.at_level(logging.WARNING, logger="celery_langfuse"):
+        outcome = runner.run()
+    assert caplog.text.count("no item settled") == 1 and "resend_unfinished" in caplog.text
+    assert all(r.state == "FAILURE" for r in outcome)

@@ -68,6 +68,7 @@ logger = logging.getLogger("celery_langfuse")
 
 Progress = Callable[[int, int, TaskItemResult], None]
 _FIRST_WAIT, _MAX_WAIT = 0.02, 0.5
+STALL_WARNING = 300.0  # seconds without a settled item before the run says so, once
 
 
 def run_experiment(
@@ -214,6 +215,7 @@ class _Runner:
     def run(self) -> list[TaskItemResult]:
         to_send, in_flight = self._resume()
         wait = _FIRST_WAIT
+        progress_at, warned = time.monotonic(), False
         while to_send or in_flight:
             while to_send and len(in_flight) < self.limit:
                 item = to_send.popleft()
@@ -223,10 +225,17 @@ class _Runner:
             for task_id, meta in arrived.items():
                 self._settle(self._finished(in_flight.pop(task_id), task_id, meta))
             if arrived:
-                wait = _FIRST_WAIT
-            else:
-                time.sleep(wait)
-                wait = min(wait * 2, _MAX_WAIT)
+                wait, progress_at, warned = _FIRST_WAIT, time.monotonic(), False
+                continue
+            if not warned and time.monotonic() - progress_at > STALL_WARNING:
+                warned = True
+                logger.warning(
+                    "celery-langfuse: run %r: no item settled for %.0f s; %d in flight (e.g. "
+                    "task %s). If their messages were lost (a worker killed while fetching "
+                    "them), stop and call again with resend_unfinished=True",
+                    self.run_info.run_name, STALL_WARNING, len(in_flight), next(iter(in_flight)))
+            time.sleep(wait)
+            wait = min(wait * 2, _MAX_WAIT)
         return [self.results[item.index] for item in self.items]
 
     def _resume(self) -> tuple[deque[Item], dict[str, Item]]:
