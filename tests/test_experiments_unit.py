@@ -8,7 +8,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,7 +49,7 @@ SERVER_NAMES = {
 
 
 def dataset_item(i: int) -> DatasetItem:
-    now = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 1, tzinfo=UTC)
     return DatasetItem(id=f"item-{i}", status="ACTIVE", input={"q": i}, expected_output=i,
                        metadata={"n": i}, dataset_id="ds-1", dataset_name="set",
                        created_at=now, updated_at=now, media_references=[])
@@ -122,7 +122,7 @@ def test_an_items_attributes_are_the_ones_the_sdk_writes_on_its_task_span():
 def test_a_dataset_item_names_its_dataset_item_and_version():
     """A dataset item's attributes carry the dataset id, its item id and, for a dataset
     fetched at a version, that version as UTC text; its metadata names both ids."""
-    version = datetime(2026, 11, 2, 10, 30, tzinfo=timezone.utc)
+    version = datetime(2026, 11, 2, 10, 30, tzinfo=UTC)
     found = items_of(SimpleNamespace(items=[dataset_item(7)], version=version))
     run = Run("exp", "run-1", "e" * 16, None, None, found.dataset_id, found.dataset_version)
     attributes, metadata = item_attributes(run, found.items[0], "task-7")

@@ -28,7 +28,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from tracing import _sdk
@@ -197,5 +197,5 @@ def item_attributes(run: Run, item: Item, task_id: str) -> tuple[dict[str, str],
 
 def _utc_text(when: datetime) -> str:
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")

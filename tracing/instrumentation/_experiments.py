@@ -34,7 +34,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -176,7 +176,7 @@ def _sender(task: Any, app: Any) -> tuple[Any, Any]:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _new_experiment_id(config: Any, run_name: str, dataset_id: str | None) -> str:

@@ -26,7 +26,7 @@ import math
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ._experiments import experiment_fields
@@ -55,7 +55,7 @@ class Datasets(Ingestion):
     ) -> dict[str, Any]:
         """Create (or replace) a dataset with ``items`` (dicts: ``input``, optional
         ``expected_output``, ``metadata``, ``id``, ``status``); returns it as the API does."""
-        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         dataset = {"id": f"ds-{uuid.uuid4().hex[:12]}", "projectId": PROJECT_ID, "name": name,
                    "description": description, "metadata": metadata, "inputSchema": None,
                    "expectedOutputSchema": None, "createdAt": now, "updatedAt": now}
