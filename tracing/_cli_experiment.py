@@ -7,9 +7,10 @@
         [--name NAME] [--run-name NAME] [--description TEXT] [--max-concurrency N] \\
         [--resend-unfinished]
 
-Fetches the dataset with the Langfuse SDK (``Langfuse.get_dataset``, with the configured
-``LANGFUSE_*`` keys), runs ``tracing.run_experiment`` with the app given by ``-A`` (its broker
-and result backend), shows a progress bar while items settle, then a summary table: items
+Fetches the dataset with the Langfuse SDK (``Langfuse.get_dataset``, with the keys from the
+app's settings or ``LANGFUSE_*``), runs ``tracing.run_experiment`` with the app given by
+``-A`` (its broker and result backend), shows a progress bar while items settle, then a
+summary table: items
 succeeded and failed, each evaluation's count, mean, min and max, the run evaluations, the
 experiment id and its URL. Calling it again with the same ``--run-name`` resumes the run.
 
@@ -66,7 +67,7 @@ def experiment(ctx: click.Context, dataset: str, task_name: str, evaluators: Seq
                                "celery -A <app> langfuse experiment ...")
     item_evaluators = [_function(spec) for spec in evaluators]
     run_level = [_function(spec) for spec in run_evaluators]
-    data = _dataset(dataset)
+    data = _dataset(dataset, app)
     from tracing.instrumentation._experiments import run_experiment
 
     with click.progressbar(length=len(data.items), label=f"{dataset}: items",
@@ -81,13 +82,14 @@ def experiment(ctx: click.Context, dataset: str, task_name: str, evaluators: Seq
     raise SystemExit(1 if result.failed else 0)
 
 
-def _dataset(name: str) -> Any:
+def _dataset(name: str, app: Any) -> Any:
+    """The dataset, fetched with the keys the app's settings or the environment give."""
     from langfuse import Langfuse
 
     from tracing._config import ConfigError, load_config
 
     try:
-        config = load_config()
+        config = load_config(app_config=app.conf)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if not config.has_keys:
