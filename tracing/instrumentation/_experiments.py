@@ -58,7 +58,7 @@ from tracing.instrumentation._experiment_results import (
     score_evaluations,
 )
 from tracing.instrumentation._experiment_span import EXPERIMENT_HEADER, encode_header
-from tracing.instrumentation._scores import _current_config
+from tracing.instrumentation._producer import current_config
 from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
 from tracing.instrumentation._urls import project_id
 
@@ -111,7 +111,7 @@ def run_experiment(
     found = items_of(data)
     run_name = run_name or f"{name} - {_utc_now()}"
     ledger = Ledger(celery_app.backend, run_name, found.dataset_id)
-    config = _current_config()
+    config = current_config()
     experiment_id = ledger.experiment_id(
         lambda: _new_experiment_id(config, run_name, found.dataset_id))
     run = Run(name, run_name, experiment_id, description, metadata, found.dataset_id,
