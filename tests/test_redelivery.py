@@ -172,8 +172,11 @@ def test_whole_worker_killed_then_redelivered_to_the_next(
     wait_until(lambda: spooled_span_count(spool_dir) >= 1, 30, "the killed run's generation")
     prefetched = app.send_task("t.add", args=[20, 22])
     broker = redis.Redis.from_url(worker_env["CELERY_BROKER_URL"])
-    wait_until(lambda: broker.llen(worker_env["TEST_QUEUE"]) == 0, 30,
-               "the worker to prefetch the second message")
+    # kombu pops a message (BRPOP) and only then records it as unacknowledged: a worker
+    # killed in between loses it for good, so wait until both messages are in `unacked`.
+    wait_until(lambda: broker.llen(worker_env["TEST_QUEUE"]) == 0
+               and broker.hlen("unacked") >= 2, 30,
+               "the worker to prefetch the second message (and record it unacknowledged)")
     worker.kill_group()
     start_worker(env=env, concurrency=1)
     assert result.get(timeout=60) == "redelivered run"
