@@ -60,7 +60,8 @@ def test_scores_made_while_langfuse_is_down_arrive_once_shipped_by_a_worker(
     task_ids = run_generations(worker_env, 5)
     receiver.down()
     durations, log = run_producer(worker_env, task_ids)
-    assert len(durations) == 5 and max(durations) < 0.2, durations
+    # Each call is a local write; the first also starts the shipper thread.
+    assert len(durations) == 5 and max(durations) < 1.0, durations
     assert "5 score(s) not delivered to Langfuse yet stay in" in log, log
     receiver.up()  # the producer is gone: only the worker can ship them now
     receiver.wait_for_scores(5, timeout=60)
