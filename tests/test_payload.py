@@ -199,3 +199,47 @@ def test_a_wide_self_similar_value_stays_bounded():
     outer = [[list(wide) for _ in range(50)] for _ in range(50)]
     text = render_attribute(outer, redact=REDACT, max_bytes=4096)
     assert len(text.encode("utf-8")) <= 4096 + 200
+
+
+plain_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+              st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
+                                             exclude_categories=()), max_size=8)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=5), st.tuples(children, children),
+        st.dictionaries(st.sampled_from(["a", "password", "b", "token", "\udc80"]), children,
+                        max_size=4),
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(plain_values, st.integers(min_value=64, max_value=4096))
+def test_plain_values_skip_the_walk_with_the_same_text(value, cap):
+    """A value that is already plain JSON is rendered without the walk's copy, to exactly
+    the text the walk gives (redaction, caps, surrogates, big ints and NaN included)."""
+    from tracing.instrumentation import _payload
+
+    fast = render_attribute(value, redact=REDACT, max_bytes=cap)
+    original = _payload._is_plain
+    _payload._is_plain = lambda value, redact: False  # type: ignore[assignment]
+    try:
+        walked = render_attribute(value, redact=REDACT, max_bytes=cap)
+    finally:
+        _payload._is_plain = original
+    assert fast == walked
+
+
+def test_deep_or_self_containing_values_are_not_plain():
+    """Depth, width and cycles send a value through the walk (which bounds them)."""
+    from tracing.instrumentation._payload import _is_plain
+
+    loop: list[object] = []
+    loop.append(loop)
+    deep: object = 1
+    for _ in range(12):
+        deep = [deep]
+    assert not _is_plain(loop, REDACT) and not _is_plain(deep, REDACT)
+    assert not _is_plain(list(range(500)), REDACT)
+    assert _is_plain({"args": [1, 2.5, "x", None, True], "kwargs": {}}, REDACT)

@@ -62,17 +62,19 @@ def render_attribute(value: Any, *, redact: re.Pattern[str], max_bytes: int) -> 
     text instead of Python objects spares it a second serialisation and a recursive walk
     looking for media in every nested value.
     """
-    safe, encoded = _walk(value, redact)
+    safe, encoded = _walk(value, redact, copy=False)
     if _too_big(encoded, max_bytes):
         return _capped(encoded, max_bytes)
     return safe if isinstance(safe, str) else encoded
 
 
-def _walk(value: Any, redact: re.Pattern[str]) -> tuple[Any, str]:
-    """(JSON-safe value, its JSON text); never raises."""
+def _walk(value: Any, redact: re.Pattern[str], copy: bool = True) -> tuple[Any, str]:
+    """(JSON-safe value, its JSON text); never raises. Unless ``copy``, a value that is
+    already plain JSON (:func:`_is_plain`) is encoded as it is, without the walk's copy."""
     try:
-        safe = _Walker(redact).safe(value, 0)
-        encoded = json.dumps(safe, ensure_ascii=False, separators=(",", ":"))
+        plain = not copy and _is_plain(value, redact)
+        safe = value if plain else _Walker(redact).safe(value, 0)
+        encoded = _ENCODER.encode(safe)
         cleaned = clean_text(encoded)
         if cleaned is not encoded:
             return json.loads(cleaned or "null"), cleaned or "null"
@@ -102,6 +104,52 @@ def _capped(encoded: str, max_bytes: int) -> str:
         if size <= max_bytes or budget == 0:
             return text
         budget = max(0, budget - (size - max_bytes) - 8)
+
+
+# json.dumps(..., ensure_ascii=False, separators=...) builds an encoder on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_PLAIN_LEAVES = frozenset((str, bool, type(None)))
+_INF = float("inf")
+
+
+def _is_plain(value: Any, redact: re.Pattern[str]) -> bool:
+    """True when the walk would return an equal copy of ``value``: only dicts with str keys
+    that are not redacted, lists, tuples, str, bool, None, ints within the JSON-safe range and
+    finite floats (exactly these types, no subclasses), within every limit of the walk."""
+    budget = [_MAX_NODES]
+    return _plain(value, 0, redact, _clear_keys.setdefault(redact, set()), budget)
+
+
+_clear_keys: dict[re.Pattern[str], set[str]] = {}  # keys each pattern was found not to match
+
+
+def _plain(value: Any, depth: int, redact: re.Pattern[str], clear: set[str],
+           budget: list[int]) -> bool:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    kind = type(value)
+    if kind in _PLAIN_LEAVES:
+        return True
+    if kind is int:
+        return -_JSON_SAFE_INT < value < _JSON_SAFE_INT
+    if kind is float:
+        return value == value and value not in (_INF, -_INF)
+    if depth >= _MAX_DEPTH or (kind is not dict and kind is not list and kind is not tuple):
+        return False
+    if len(value) > _MAX_ITEMS:
+        return False
+    if kind is not dict:
+        return all(_plain(item, depth + 1, redact, clear, budget) for item in value)
+    for key, item in value.items():
+        if key not in clear:
+            if type(key) is not str or redact.search(key):
+                return False
+            if len(clear) < 4096:
+                clear.add(key)
+        if not _plain(item, depth + 1, redact, clear, budget):
+            return False
+    return True
 
 
 class _Walker:
