@@ -188,3 +188,30 @@ def test_media_router_reports_a_failed_spool_write():
     media.end()
     router = MediaRouter(Transformer(), Failing())
     assert router.export([plain, media]) == SpanExportResult.FAILURE  # type: ignore[list-item]
+
+
+def test_replace_batch_moves_queued_spans_and_ends_the_old_thread(wired):
+    """The processor's batch can be replaced: spans it queued reach its exporter first, its
+    thread ends, and later spans go to the new batch."""
+    from tracing.instrumentation._pipeline import SpoolBatch
+
+    client, exporter, key = wired
+    processor = _sdk.langfuse_processor(_sdk.tracer_provider_of(key), key)
+    old = processor._batch_processor
+    client.start_observation(name="queued").end()
+    other = Collect()
+    batch = _sdk.replace_batch(processor, SpoolBatch(other))
+    contract(processor._batch_processor is batch, "_batch_processor cannot be replaced")
+    contract([s.name for s in exporter.spans] == ["queued"], "queued spans were not exported")
+    contract(not old._worker_thread.is_alive(), "the old batch's thread still runs")
+    client.start_observation(name="later").end()
+    contract([s.name for s in other.spans] == ["later"], "the new batch did not get the span")
+
+
+def test_span_limits_of_a_provider():
+    """A provider's span limits are readable, so task spans get the same ones."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    limits = SpanLimits(max_attributes=7)
+    contract(_sdk.span_limits_of(TracerProvider(span_limits=limits)) is limits,
+             "TracerProvider._span_limits is gone")

@@ -13,8 +13,11 @@ private name                                   why
 ``LangfuseResourceManager._instances``         is there already a client for this key?
 ``TracerProvider._active_span_processor``      find the SDK's span processor; put ours first
 ``._span_processors``
-``LangfuseSpanProcessor._batch_processor``     point its batch at the spool exporter, with a
-``._exporter`` / ``._schedule_delay``           short schedule (a kill loses ~1 s at most)
+``LangfuseSpanProcessor._batch_processor``     point its batch at the spool exporter, then
+``._exporter`` / ``._schedule_delay``           replace the batch with a synchronous one
+``BatchProcessor.force_flush`` / ``.shutdown``  (``_pipeline.SpoolBatch``): move what it queued,
+                                               end its thread
+``TracerProvider._span_limits``                task spans get the SDK provider's span limits
 ``LangfuseTransformingSpanExporter``           its wrapped exporter and its mask (media and
 ``._exporter`` / ``._mask_otel_spans``           masks stay the SDK's job)
 ``Langfuse._otel_tracer``                      the tracer of a client built before us
@@ -143,6 +146,36 @@ def redirect_batch(processor: Any, exporter: Any, flush_interval: float) -> Any:
         return current
     batch._exporter = exporter
     return None
+
+
+def replace_batch(processor: Any, batch: Any) -> Any:
+    """Put ``batch`` (an object with ``emit``, ``force_flush`` and ``shutdown``) in place of
+    the processor's OpenTelemetry ``BatchProcessor``. Spans the old batch still holds are
+    exported through its exporter first; then its thread is ended, exporting nothing more.
+    Returns ``batch``."""
+    old = processor._batch_processor
+    processor._batch_processor = batch
+    old.force_flush()
+    old._exporter = _NothingMore()
+    old.shutdown()
+    return batch
+
+
+class _NothingMore:
+    """The exporter a replaced batch is left with: it has nothing left to export."""
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+
+def span_limits_of(provider: Any) -> Any:
+    """The span limits ``provider`` applies (None, the defaults, if it has none)."""
+    return getattr(provider, "_span_limits", None)
 
 
 def set_batch_exporter(processor: Any, exporter: Any) -> None:

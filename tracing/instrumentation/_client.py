@@ -13,15 +13,17 @@ and our :class:`~tracing.instrumentation._otel.SpanGuard` first in line.
 the first constructor wins: a ``Langfuse(...)`` or ``get_client()`` call at import time,
 before ``instrument()`` ran, fixes the provider and the OTLP network exporter for the life
 of the process. So instead of relying on being first, we find the SDK's span processor for
-our key and point its batch processor at the spool exporter (and shorten its schedule, so a
-killed process loses at most about ``flush_interval`` of spans). Spans from ``@observe``,
-``langfuse.openai`` and LangChain callbacks all pass through that processor.
+our key, point its batch at the spool exporter, and then replace the batch by a synchronous
+one (``_pipeline``): every span the processor keeps is in the spool when it ends. Spans from
+``@observe``, ``langfuse.openai`` and LangChain callbacks all pass through that processor;
+task spans are made on a provider of their own and handed to the same processor's ``on_end``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,7 @@ from tracing import _sdk
 from tracing._config import Config
 from tracing._sdk import LangfuseWiringError
 from tracing.instrumentation._otel import SpanGuard, pin_ids_on
+from tracing.instrumentation._pipeline import make_synchronous, task_span_provider
 
 __all__ = ["LangfuseWiringError", "attach_langfuse", "task_tracer"]
 
@@ -48,6 +51,8 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
     public_key = config.public_key or ""
     existed = _sdk.client_exists(public_key)
     provider = None if existed else (config.tracer_provider or _own_provider(config))
+    if provider is not None and config.tracer_provider is None:
+        _owned.add(provider)
     client = Langfuse(
         public_key=config.public_key,
         secret_key=config.secret_key,
@@ -71,28 +76,42 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
         # The SDK wraps the exporter to upload media and apply masks; keep that wrapper, but
         # only for spans it can change: cloning every span costs ~100 µs per task.
         _sdk.set_batch_exporter(processor, MediaRouter(transformer, exporter))
+    make_synchronous(processor)
     exported = config.should_export_span or is_default_export_span
-    _sdk.put_processor_first(provider, SpanGuard(exported, processor.force_flush))
+    _sdk.put_processor_first(provider, SpanGuard(exported))
     return client, processor
 
 
 def task_tracer(public_key: str) -> Any:
-    """The tracer task spans are made with: the SDK's own (same scope, so its processor
-    exports them), honouring :func:`~tracing.instrumentation._otel.pinned_ids`."""
+    """The tracer task spans are made with: the SDK's scope (so its processor's export rules
+    keep them) on a provider of task spans (``_pipeline.task_span_provider``: the SDK's
+    processor sees them end, never start), honouring
+    :func:`~tracing.instrumentation._otel.pinned_ids`."""
     provider = _sdk.tracer_provider_of(public_key)
     if provider is None:
         raise LangfuseWiringError(f"no Langfuse client for public key {public_key!r}")
+    resource = getattr(provider, "resource", None)
     cached = _tracers.get(public_key)
-    if cached is not None and cached[0] is provider:
-        return cached[1]
-    tracer = provider.get_tracer(_sdk.TRACER_NAME, _sdk.sdk_version(),
-                                 attributes={"public_key": public_key})
+    # A new resource (OpenTelemetry updates it after a fork) means a new task span provider,
+    # so task spans always carry the resource the SDK's own spans carry in this process.
+    if cached is not None and cached[0] is provider and cached[1] is resource:
+        return cached[2]
+    if provider in _owned:
+        spans_of_tasks = task_span_provider(provider, _sdk.langfuse_processor(provider,
+                                                                             public_key))
+    else:  # the application's provider (or a client's from before instrument()): task spans
+        spans_of_tasks = provider  # go through every processor on it, as any other span
+    tracer = spans_of_tasks.get_tracer(_sdk.TRACER_NAME, _sdk.sdk_version(),
+                                       attributes={"public_key": public_key})
     pin_ids_on(tracer)
-    _tracers[public_key] = (provider, tracer)
+    _tracers[public_key] = (provider, resource, tracer)
     return tracer
 
 
-_tracers: dict[str, tuple[Any, Any]] = {}
+_tracers: dict[str, tuple[Any, Any, Any]] = {}
+# Providers attach_langfuse built: nothing but the SDK's processor (and our guard) is on them,
+# so task spans can skip them for a provider of their own (``_pipeline``).
+_owned: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
 
 
 def _own_provider(config: Config) -> TracerProvider:
@@ -146,11 +165,17 @@ class MediaRouter(SpanExporter):
 def _may_hold_media(span: ReadableSpan) -> bool:
     for value in (span.attributes or {}).values():
         if isinstance(value, str):
-            if _MEDIA.search(value):
+            if _may_be_media(value):
                 return True
         elif isinstance(value, (list, tuple)) and any(
-            isinstance(item, str) and _MEDIA.search(item) for item in value
+            isinstance(item, str) and _may_be_media(item) for item in value
         ):
             return True
     return False
+
+
+def _may_be_media(text: str) -> bool:
+    # Every alternative of _MEDIA contains "ata", "ype" or "@@@": three substring scans
+    # rule out most text faster than the pattern does.
+    return ("ata" in text or "ype" in text or "@@@" in text) and _MEDIA.search(text) is not None
 

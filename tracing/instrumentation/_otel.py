@@ -8,15 +8,16 @@ spans gets an id generator that returns the ids pinned by :func:`pinned_ids` for
 span being started, and random ids otherwise.
 
 **The span guard** is a span processor registered *before* the SDK's own, on the tracer
-provider Langfuse uses. It
+provider Langfuse uses. It re-parents a span whose local parent Langfuse will never receive
+(a span of the application's own tracer, made current inside a task) under the task's span,
+so the task tree stays whole and the SDK does not mark the orphan as a second trace root.
+(The SDK's span queue no longer exists in a traced process, see ``_pipeline``; the drop
+counter still counts any "Queue full" line OpenTelemetry logs, e.g. from an application's
+own batch processor sharing the logger.)
 
-- re-parents a span whose local parent Langfuse will never receive (a span of the
-  application's own tracer, made current inside a task) under the task's span, so the task
-  tree stays whole and the SDK does not mark the orphan as a second trace root;
-- moves ended spans into the spool every ``flush_every`` spans. Under gevent or eventlet the
-  SDK's export thread is a greenlet that cannot run while a task makes thousands of spans
-  without yielding, and OpenTelemetry drops spans once its queue (2048) is full;
-- counts every span OpenTelemetry reports dropping anyway (its "Queue full" log line).
+**The task context** makes the task's span current, known as the task's span, and carries
+the SDK's root claim for its trace: the SDK never sees a task span start (``_pipeline``), so
+without the claim it would mark the task's first child an app root.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
@@ -100,17 +102,11 @@ logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(drop_counter)
 
 
 class SpanGuard(SpanProcessor):
-    """Keeps task trees whole and the SDK's span queue from overflowing (see module doc)."""
+    """Keeps task trees whole (see module doc)."""
 
-    def __init__(
-        self, exported: Callable[[ReadableSpan], bool], flush: Callable[[], Any],
-        flush_every: int = 256,
-    ) -> None:
+    def __init__(self, exported: Callable[[ReadableSpan], bool]) -> None:
         self._exported = exported
-        self._flush = flush
-        self._flush_every = flush_every
         self._live: set[int] = set()
-        self._ended = 0
         self._lock = threading.Lock()
 
     def on_start(self, span: Span, parent_context: otel_context.Context | None = None) -> None:
@@ -136,6 +132,8 @@ class SpanGuard(SpanProcessor):
         if task_span is None:
             return
         task_context = task_span.get_span_context()
+        if task_context.span_id == parent.span_id:
+            return  # a child of the task's span (made on a provider of its own)
         if task_context.span_id != context.span_id and task_context.trace_id == parent.trace_id:
             _sdk.set_parent(span, task_context)
 
@@ -147,18 +145,9 @@ class SpanGuard(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         context = span.get_span_context()
-        with self._lock:
-            if context is not None:
+        if context is not None:
+            with self._lock:
                 self._live.discard(context.span_id)
-            self._ended += 1
-            due = self._ended >= self._flush_every
-            if due:
-                self._ended = 0
-        if due:
-            try:
-                self._flush()
-            except Exception:
-                logger.debug("celery-langfuse: span guard flush failed", exc_info=True)
 
     def shutdown(self) -> None:
         """Nothing to release."""
@@ -168,6 +157,9 @@ class SpanGuard(SpanProcessor):
 
 
 def task_context(span: Any) -> otel_context.Context:
-    """A context where ``span`` is current and known as the task's span."""
+    """A context where ``span`` is current, known as the task's span, and claims its trace's
+    app root (so no span started in it is marked one)."""
     ctx = otel_trace.set_span_in_context(span, otel_context.Context())
+    ctx = baggage.set_baggage(_sdk.root_claim_baggage_key(),
+                              f"{span.get_span_context().trace_id:032x}", ctx)
     return otel_context.set_value(TASK_SPAN_KEY, span, ctx)

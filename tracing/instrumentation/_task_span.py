@@ -35,11 +35,13 @@ observation, or under a canvas root it writes (``_canvas``), so a canvas is one 
 A retry is published by the attempt that failed, from inside its observation, so attempt
 *n+1* hangs under attempt *n*: the trace reads as the sequence that happened.
 
-How it is made: directly on the SDK's own tracer (same instrumentation scope, so the SDK's
-processor exports it and puts it through the spool) with the attribute names the SDK
-writes, instead of through ``start_observation`` + ``update``: the same span for about a
-third of the cost. A span started under a remote parent carries the SDK's root-claim
-baggage, so the SDK does not mark a child task as a second app root.
+How it is made: directly on the task tracer (the SDK's instrumentation scope on a provider
+of task spans, ``_pipeline``: the SDK's processor applies its export rules when the span
+ends and it goes straight into the spool) with the attribute names the SDK writes, instead
+of through ``start_observation`` + ``update``. The SDK never sees a task span start, so the
+one start-time rule of its processor that applies to a task span is applied here: a
+parentless task span (a true root) is marked its trace's app root; a span started under a
+remote parent carries the SDK's root-claim baggage and is never one.
 """
 
 from __future__ import annotations
@@ -106,11 +108,13 @@ def start_task_span(
     tracer: Any, name: str, context: otel_context.Context, pinned: tuple[int, int] | None,
     attributes: Mapping[str, Any],
 ) -> Any:
-    """Start the span in ``context`` (with ``pinned`` ids for a true root)."""
+    """Start the span in ``context`` (with ``pinned`` ids for a true root, which is also
+    marked its trace's app root, as the SDK's processor marks a parentless span)."""
     if pinned is None:
         return tracer.start_span(name, context=context, attributes=attributes)
     with pinned_ids(*pinned):
-        return tracer.start_span(name, context=context, attributes=attributes)
+        return tracer.start_span(name, context=context,
+                                 attributes={**attributes, _NAMES.IS_APP_ROOT: True})
 
 
 def start_attributes(
@@ -148,9 +152,21 @@ def end_attributes(
 def metadata_attributes(metadata: Mapping[str, Any]) -> dict[str, str]:
     """Metadata as the v5 SDK writes it: one attribute per key, every value JSON-encoded."""
     prefix = _NAMES.OBSERVATION_METADATA
-    return {
-        f"{prefix}.{key}": json.dumps(value, ensure_ascii=False, separators=(",", ":"),
-                                      default=str)
-        for key, value in metadata.items() if value is not None
-    }
+    return {f"{prefix}.{key}": json_text(value)
+            for key, value in metadata.items() if value is not None}
+
+
+def json_text(value: Any) -> str:
+    """``json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)``, with
+    the same text for a str or an int made without building an encoder (most metadata)."""
+    kind = type(value)
+    if kind is str:
+        return _encode_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    return _ENCODER.encode(value)
+
+
+_encode_str = json.encoder.encode_basestring  # what json.dumps uses with ensure_ascii=False
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
 

@@ -70,7 +70,7 @@ from tracing.instrumentation._task_span import (
     start_attributes,
 )
 from tracing.spool import KIND_DROPPED, encode_frame
-from tracing.spool._attempts import from_span
+from tracing.spool._attempts import open_frame
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -145,7 +145,7 @@ def on_task_prerun(
         propagation.__enter__()
         active.tokens.append(propagation)
     if span.is_recording():
-        runtime.write_frames(from_span(task_id, span).frame())
+        runtime.write_frames(open_frame(task_id, span))
 
 
 def joined(
@@ -361,10 +361,9 @@ def _end(active: _Active, state: str, retval: Any, task_id: str) -> None:
         mark_error(span, outcome)
     finally:
         _detach(active.tokens)
-        span.end()
+        span.end()  # in the spool when this returns (``_pipeline``): nothing to flush
         _remember_ended(task_id, state, span)
         if runtime is not None:
-            runtime.flush()
             _report_drops(runtime)
 
 

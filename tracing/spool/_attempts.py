@@ -6,6 +6,16 @@ start time and the attributes the SDK put on the observation (input, metadata, t
 attributes). When the task ends normally, its span is exported into the same segment, and
 the span id closes the attempt.
 
+Open-attempt payload (``KIND_OPEN``), one of two forms told apart by the first byte:
+
+* ``{`` — UTF-8 JSON of :class:`OpenAttempt`'s fields (written by celery-langfuse up to
+  0.1; still read).
+* ``0x02`` — compact, written since: the byte 0x02, then ``marshal.dumps(fields, 4)`` with
+  ``fields`` the tuple ``(task_id, name, trace id (32 hex), span id (16 hex), parent span id
+  (16 hex) or None, start ns, attributes dict, resource blob, scope blob)``; the two blobs are
+  exactly those of the compact span record (``_spanrecord``: fields 15 and 16), so one
+  process marshals its resource and scope once for both kinds of record.
+
 If the process dies first (hard time limit, OOM kill, a SIGKILLed worker), no span ever
 comes. Then someone else writes it, as ERROR with the reason, **under the same ids**, so the
 generations the task already produced hang under it:
@@ -30,6 +40,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import marshal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -53,6 +64,7 @@ from tracing.spool import (
 )
 from tracing.spool._drops import read_ledger
 from tracing.spool._space import PAGE
+from tracing.spool._spanrecord import resource_blob, scope_blob
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -79,11 +91,44 @@ class OpenAttempt:
     scope_attributes: dict[str, AttributeValue] = field(default_factory=dict)
 
     def frame(self) -> bytes:
+        """The JSON form (the compact one is written from a live span: :func:`open_frame`)."""
         return encode_frame(KIND_OPEN, json.dumps(self.__dict__, default=str).encode())
 
     @classmethod
     def from_payload(cls, payload: bytes) -> OpenAttempt:
-        return cls(**json.loads(payload))
+        """Either form (see the module docstring); ValueError/TypeError if neither."""
+        if payload[:1] != _COMPACT:
+            return cls(**json.loads(payload))
+        try:
+            (task_id, name, trace_id, span_id, parent, start_ns, attributes, resource,
+             scope) = marshal.loads(payload[1:])
+            resource_attributes = marshal.loads(resource)[0]
+            scope_name, scope_version, _schema, scope_attributes = (
+                marshal.loads(scope) if scope else ("langfuse-sdk", "", None, {}))
+        except (EOFError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"undecodable open-attempt record: {exc}") from exc
+        return cls(task_id=task_id, name=name, trace_id=trace_id, span_id=span_id,
+                   parent_span_id=parent, start_ns=start_ns, attributes=_plain(attributes),
+                   resource=_plain(resource_attributes), scope=scope_name,
+                   scope_version=scope_version or "",
+                   scope_attributes=_plain(scope_attributes or {}))
+
+
+_COMPACT = b"\x02"
+
+
+def open_frame(task_id: str, span: Any) -> bytes:
+    """The compact ``KIND_OPEN`` frame of a live span (the task's observation)."""
+    context = span.get_span_context()
+    parent = span.parent
+    fields = (task_id, span.name, f"{context.trace_id:032x}", f"{context.span_id:016x}",
+              f"{parent.span_id:016x}" if parent is not None else None,
+              span.start_time or time.time_ns(), dict(span.attributes or {}),
+              resource_blob(span.resource), scope_blob(span.instrumentation_scope))
+    try:
+        return encode_frame(KIND_OPEN, _COMPACT + marshal.dumps(fields, 4))
+    except ValueError:  # a value marshal refuses (never an OpenTelemetry-cleaned one)
+        return from_span(task_id, span).frame()
 
 
 def from_span(task_id: str, span: Any) -> OpenAttempt:

@@ -64,7 +64,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracing.spool import KIND_SPAN, encode_frame
 
-__all__ = ["BODY_COMPACT", "BODY_OTLP", "encode_record", "otlp_request", "span_record"]
+__all__ = ["BODY_COMPACT", "BODY_OTLP", "encode_record", "otlp_request", "resource_blob",
+           "scope_blob", "span_record"]
 
 BODY_OTLP = 0x0A
 BODY_COMPACT = 0x02
@@ -106,6 +107,16 @@ def _scope_blob(scope: Any) -> bytes:
         return b""
     return marshal.dumps((scope.name, scope.version, scope.schema_url or None,
                           dict(scope.attributes or {})), _MARSHAL_VERSION)
+
+
+def resource_blob(resource: Any) -> bytes:
+    """Field 15 of a compact record for ``resource`` (cached by identity)."""
+    return _resources.get(resource, _resource_blob)
+
+
+def scope_blob(scope: Any) -> bytes:
+    """Field 16 of a compact record for ``scope`` (cached by identity; b"" for none)."""
+    return _scopes.get(scope, _scope_blob)
 
 
 def _flags(parent: Any) -> int:
