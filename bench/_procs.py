@@ -23,9 +23,9 @@ class Worker(WorkerProcess):
     """A prefork worker on the benchmark's queue (``BENCH_QUEUE``), with memory readings."""
 
     def __init__(self, app: str, env: Mapping[str, str], *, concurrency: int = 2,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), cwd: Path = ROOT) -> None:
         super().__init__(app, {**env, "PYTHONUNBUFFERED": "1"}, concurrency=concurrency,
-                         queue=env["BENCH_QUEUE"], extra=extra)
+                         queue=env["BENCH_QUEUE"], extra=extra, cwd=cwd)
 
     def tail(self, n: int = 40) -> str:
         return self.output_tail(n)

@@ -94,6 +94,46 @@ def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[st
     }
 
 
+def generation_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
+    """As :func:`task_overhead`, for a task whose body makes one SDK generation (so the
+    difference also holds what the task's tracing adds to exporting the generation)."""
+    from tracing.instrumentation._instrument import (
+        _connect_worker_handlers,
+        _disconnect_worker_handlers,
+    )
+
+    with traced_runtime(spool_dir) as (app, runtime):
+        client = runtime.client
+
+        @app.task(name="bench.generation", shared=False)
+        def generation(i: int) -> int:
+            with client.start_as_current_observation(
+                name="llm", as_type="generation", model="bench-model", input=f"prompt {i}",
+            ) as observation:
+                observation.update(output=f"PROMPT {i}", usage_details={"input": 2, "output": 2})
+            return i
+
+        task = app.tasks["bench.generation"]
+        _time_block(lambda: task.apply(args=(0,)), 200)
+        traced: list[int] = []
+        plain: list[int] = []
+        gc.collect()
+        for _ in range(max(1, iterations // block)):
+            _connect_worker_handlers()
+            traced += _time_block(lambda: task.apply(args=(1,)), block)
+            runtime.flush()
+            _disconnect_worker_handlers()
+            plain += _time_block(lambda: task.apply(args=(1,)), block)
+            runtime.flush()
+        _connect_worker_handlers()
+    with_tracing, without = summary_us(traced), summary_us(plain)
+    return {
+        "traced": with_tracing, "untraced": without,
+        "overhead_median_us": round(with_tracing["median_us"] - without["median_us"], 2),
+        "overhead_p99_us": round(with_tracing["p99_us"] - without["p99_us"], 2),
+    }
+
+
 def otlp_span_frame(span: Any) -> bytes:
     """The previous version's record: a one-span OTLP request (OpenTelemetry's encoder)."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
