@@ -170,7 +170,8 @@ SETTINGS: tuple[Setting, ...] = (
     _ours("shutdown_timeout", parse.number(low=0.0), "`5`",
           "seconds for the last shipping attempt at worker shutdown"),
     _ours("flush_interval", parse.number(0.01, 60.0), "`1`",
-          "seconds between span flushes to the spool during a task"),
+          "the Langfuse client's flush interval; spans do not wait for it: each is in "
+          "the spool when it ends"),
     _ours("auth_retry_interval", parse.number(low=0.1), "`30`",
           "seconds between retries after Langfuse answers 401/403"),
     _ours("capture_input", parse.flag, "`true`", "record task args/kwargs as the input"),
