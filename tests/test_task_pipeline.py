@@ -44,6 +44,12 @@ def traced_app(tmp_path: Path, **options: Any) -> Iterator[Celery]:
             generation.update(output=prompt.upper())
         return {"text": prompt.upper()}
 
+    @app.task(name="pipe.look", shared=False)
+    def look() -> list[str]:
+        with get_client(public_key=key).start_as_current_observation(name="ended-first"):
+            pass
+        return sorted(spooled(tmp_path))  # read from disk while the task still runs
+
     @app.task(name="pipe.plain", shared=False)
     @tracing.task_options(trace_attributes=lambda kwargs: {"user_id": kwargs.get("user")})
     def plain(user: str = "") -> int:
@@ -92,6 +98,13 @@ def test_every_span_is_in_the_spool_when_it_ends_without_a_flush(tmp_path):
         assert opened[:1] == b"\x02"
         attempt = OpenAttempt.from_payload(opened)
         assert attempt.span_id == spans["pipe.generate"].id and attempt.name == "pipe.generate"
+
+
+def test_a_span_is_on_disk_as_soon_as_it_ends_even_with_a_long_flush_interval(tmp_path):
+    """A span ended inside a task is in the spool before the task body goes on: no timer,
+    no queue (a SIGKILL right after it ends cannot lose it)."""
+    with traced_app(tmp_path, flush_interval=60.0) as app:
+        assert app.tasks["pipe.look"].apply().get() == ["ended-first"]
 
 
 def test_the_task_is_the_parentless_app_root_and_its_children_are_not(tmp_path):
