@@ -4,7 +4,6 @@ worker."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from celery import Celery
 
 from tracing.shipping._status import read_status
 from tracing.spool import KIND_OPEN, KIND_SPAN, list_segments, scan_file
+from tracing.spool._attempts import OpenAttempt
 from tracing.testing import LangfuseReceiver
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,8 @@ def flip_task_span(spool: Path) -> str:
     """Flip one byte inside the span record of the first task that has one; its span id."""
     for path, _ in list_segments(spool):
         records = scan_file(path).records
-        opened = [json.loads(r.payload)["span_id"] for r in records if r.kind == KIND_OPEN]
+        opened = [OpenAttempt.from_payload(r.payload).span_id
+                  for r in records if r.kind == KIND_OPEN]
         for record in records[:-1]:  # followed by a whole record: corrupt, not a torn tail
             if record.kind == KIND_SPAN and record.payload[:8].hex() in opened:
                 data = bytearray(path.read_bytes())

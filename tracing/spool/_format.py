@@ -74,8 +74,9 @@ Each record is one frame, all integers little-endian::
   compact record of its fields (first byte 0x02), or, as written by version 0.1, a serialized
   OTLP ``ExportTraceServiceRequest`` holding exactly that one span (first byte 0x0A); the
   body's format is specified in ``_spanrecord``.
-* ``KIND_OPEN``: UTF-8 JSON describing a task attempt that has started (so the shipper can close
-  it as ERROR if its process dies before the task ends).
+* ``KIND_OPEN``: a task attempt that has started (so the shipper can close it as ERROR if its
+  process dies before the task ends): a compact marshal record (first byte 0x02) or, as
+  written up to 0.1, UTF-8 JSON; both are specified in ``_attempts``.
 * ``KIND_DROPPED``: UTF-8 JSON ``{"cause": str, "count": int}``: a writer's report that it
   dropped ``count`` spans before they reached the spool (``sdk_queue_full``: OpenTelemetry's
   span queue overflowed). The shipper adds the counts to its status by cause.
