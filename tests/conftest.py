@@ -11,7 +11,7 @@ import pytest
 
 from tests.capture import captured
 from tests.fake_openai import fake_openai
-from tests.support import RedisServer, WorkerProcess
+from tests.support import RedisServer, WorkerProcess, worker_environment
 from tracing.testing import LangfuseReceiver
 
 pytest_plugins = ["celery.contrib.pytest"]
@@ -34,6 +34,14 @@ def receiver() -> Iterator[LangfuseReceiver]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def module_receiver() -> Iterator[LangfuseReceiver]:
+    """One receiver for a whole module (its tests tell their traces apart by ids)."""
+    key = uuid.uuid4().hex[:8]
+    with LangfuseReceiver(public_key=f"pk-lf-{key}", secret_key=f"sk-lf-{key}") as server:
+        yield server
+
+
 @pytest.fixture
 def spool_dir(tmp_path: Path) -> Path:
     return tmp_path / "spool"
@@ -44,18 +52,8 @@ def worker_env(
     redis_server: RedisServer, receiver: LangfuseReceiver, spool_dir: Path
 ) -> dict[str, str]:
     """Environment for a worker: private Redis db, the receiver's keys, a private spool."""
-    db = 1 + uuid.uuid4().int % 14
-    return {
-        "CELERY_BROKER_URL": f"{redis_server.url}/{db}",
-        "CELERY_RESULT_BACKEND": f"{redis_server.url}/{db}",
-        "TEST_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
-        "LANGFUSE_PUBLIC_KEY": receiver.public_key,
-        "LANGFUSE_SECRET_KEY": receiver.secret_key,
-        "LANGFUSE_BASE_URL": receiver.base_url,
-        "CELERY_LANGFUSE_SPOOL_DIR": str(spool_dir),
-        "CELERY_LANGFUSE_SHUTDOWN_TIMEOUT": "10",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return worker_environment(redis_server, receiver, spool_dir,
+                              CELERY_LANGFUSE_SHUTDOWN_TIMEOUT="10")
 
 
 @pytest.fixture

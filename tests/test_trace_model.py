@@ -18,33 +18,18 @@ from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
 
 import tracing
-from tests.support import RedisServer, WorkerProcess
+from tests.support import RedisServer, WorkerProcess, worker_environment
 from tracing.testing import LangfuseReceiver, Observation
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def module_receiver() -> Iterator[LangfuseReceiver]:
-    key = uuid.uuid4().hex[:8]
-    with LangfuseReceiver(public_key=f"pk-lf-{key}", secret_key=f"sk-lf-{key}") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def env(redis_server: RedisServer, module_receiver: LangfuseReceiver,
         tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {
-        "CELERY_BROKER_URL": f"{redis_server.url}/15",
-        "CELERY_RESULT_BACKEND": f"{redis_server.url}/15",
-        "TEST_QUEUE": f"q-{uuid.uuid4().hex[:8]}",
-        "LANGFUSE_PUBLIC_KEY": module_receiver.public_key,
-        "LANGFUSE_SECRET_KEY": module_receiver.secret_key,
-        "LANGFUSE_BASE_URL": module_receiver.base_url,
-        "CELERY_LANGFUSE_SPOOL_DIR": str(tmp_path_factory.mktemp("spool")),
-        "CELERY_LANGFUSE_MAX_PAYLOAD_BYTES": "2048",
-        "PYTHONUNBUFFERED": "1",
-    }
+    return worker_environment(redis_server, module_receiver,
+                              tmp_path_factory.mktemp("spool"), 15,
+                              CELERY_LANGFUSE_MAX_PAYLOAD_BYTES="2048")
 
 
 @pytest.fixture(scope="module")
