@@ -346,8 +346,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _create_file(path: Path, data: bytes) -> None:
-    """Create ``path`` holding ``data`` whole, never replacing a file created meanwhile."""
+def _temp_file_holding(path: Path, data: bytes) -> Path:
+    """A new 0600 file beside ``path`` holding ``data`` whole (removed again if that fails)."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -356,6 +356,17 @@ def _create_file(path: Path, data: bytes) -> None:
             _write_all(fd, data)
         finally:
             os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _create_file(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data`` whole, never replacing a file created meanwhile."""
+    tmp = _temp_file_holding(path, data)
+    try:
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
     finally:
@@ -364,14 +375,8 @@ def _create_file(path: Path, data: bytes) -> None:
 
 
 def _write_file_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    tmp = _temp_file_holding(path, data)
     try:
-        try:
-            os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
