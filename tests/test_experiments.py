@@ -144,7 +144,7 @@ def test_a_dataset_run_links_items_to_the_dataset_and_a_second_call_sends_nothin
     """A Langfuse dataset (fetched with get_dataset from the receiver) as data: each item's
     observation names the dataset, its item id and expected output, under the server's
     experiment id; calling again with the same run name sends no task and writes no score."""
-    from tracing.instrumentation._experiment_items import server_experiment_id
+    from tracing.experiments._experiment_items import server_experiment_id
 
     dataset = receiver.add_dataset("capitals", [
         {"input": {"question": f"c{i}"}, "expected_output": f"C{i}", "metadata": {"n": i}}

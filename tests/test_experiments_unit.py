@@ -20,14 +20,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracing import _sdk, root_observation_id_for
-from tracing.instrumentation._experiment_items import (
+from tracing.experiments._experiment_items import (
     Run,
     item_attributes,
     items_of,
     local_experiment_id,
     task_id_for,
 )
-from tracing.instrumentation._experiment_results import TaskItemResult, TaskRunResult
+from tracing.experiments._experiment_results import TaskItemResult, TaskRunResult
 from tracing.instrumentation._experiment_span import (
     EXPERIMENT_HEADER,
     encode_header,
@@ -218,7 +218,7 @@ def test_evaluators_may_be_async_and_a_failing_one_is_skipped():
     evaluator that raises gives no evaluation and does not stop the others."""
     import asyncio
 
-    from tracing.instrumentation._experiment_results import evaluate
+    from tracing.experiments._experiment_results import evaluate
 
     async def judged(**_: Any) -> dict[str, Any]:
         return {"name": "judged", "value": 0.5}
@@ -293,8 +293,8 @@ class FakeTask:
 
 
 def _runner(backend: FakeBackend, task: FakeTask, run_name: str = "r") -> Any:
-    from tracing.instrumentation._experiment_ledger import Ledger
-    from tracing.instrumentation._experiments import _Runner
+    from tracing.experiments._experiment_ledger import Ledger
+    from tracing.experiments._experiments import _Runner
 
     data = [{"input": i, "expected_output": {"echo": i}} for i in range(4)]
     run = Run("exp", run_name, "e" * 16, None, None, None, None)
@@ -309,8 +309,8 @@ def _runner(backend: FakeBackend, task: FakeTask, run_name: str = "r") -> Any:
 def test_a_resumed_run_settles_reuses_waits_or_sends_each_item_by_its_marks(monkeypatch):
     """Scored items are reused, finished ones evaluated, published ones waited for, the rest
     sent: every item settled once, only the unsent item sent, each score written once."""
-    from tracing.instrumentation import _experiment_results
-    from tracing.instrumentation._experiment_ledger import Ledger
+    from tracing.experiments import _experiment_results
+    from tracing.experiments._experiment_ledger import Ledger
 
     scores: list[dict[str, Any]] = []
     monkeypatch.setattr(_experiment_results, "record_score", lambda **f: scores.append(f))
@@ -334,7 +334,7 @@ def test_a_resumed_run_settles_reuses_waits_or_sends_each_item_by_its_marks(monk
 def test_a_run_with_nothing_settling_warns_once_naming_an_item(monkeypatch, caplog):
     """Items in flight that never settle (lost messages) make the run say so once, naming a
     task and resend_unfinished, while it keeps waiting."""
-    from tracing.instrumentation import _experiments
+    from tracing.experiments import _experiments
 
     backend = FakeBackend()
     task = FakeTask(backend, succeed=False)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tracing._config import Config, ConfigError, load_config
-    from tracing.instrumentation._experiments import run_experiment
+    from tracing.experiments._experiments import run_experiment
     from tracing.instrumentation._instrument import instrument, is_instrumented, uninstrument
     from tracing.instrumentation._options import TaskOptions, task_options
     from tracing.instrumentation._propagation import TraceAttributes, trace_attributes
@@ -42,7 +42,7 @@ _EXPORTS = {
     "TraceAttributes": "tracing.instrumentation._propagation",
     "trace_attributes": "tracing.instrumentation._propagation",
     "score_task": "tracing.instrumentation._scores",
-    "run_experiment": "tracing.instrumentation._experiments",
+    "run_experiment": "tracing.experiments._experiments",
     "SpoolError": "tracing.spool",
     "root_observation_id_for": "tracing.instrumentation._task_span",
     "trace_id_for": "tracing.instrumentation._task_span",

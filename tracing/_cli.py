@@ -27,8 +27,8 @@ from typing import Any
 import click
 import httpx
 
-from tracing._cli_experiment import experiment
 from tracing._config import Config, ConfigError, load_config, setting_sources
+from tracing.experiments._cli import experiment
 from tracing.shipping._delivery import cut
 from tracing.shipping._shipper import STATUS_FILE, Shipper
 from tracing.spool import (

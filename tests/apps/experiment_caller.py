@@ -39,8 +39,8 @@ def main(argv: list[str]) -> int:
         data = local_items(count)
 
     if "--lost" in argv:  # a published mark for item 0 whose message never reached Redis
-        from tracing.instrumentation._experiment_items import items_of, task_id_for
-        from tracing.instrumentation._experiment_ledger import Ledger
+        from tracing.experiments._experiment_items import items_of, task_id_for
+        from tracing.experiments._experiment_ledger import Ledger
 
         item = items_of(data).items[0]
         Ledger(answer.app.backend, run_name, None).mark_sent(task_id_for(run_name, item))

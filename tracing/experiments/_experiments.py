@@ -39,7 +39,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 
-from tracing.instrumentation._experiment_items import (
+from tracing.experiments._experiment_items import (
     Item,
     Run,
     item_attributes,
@@ -48,8 +48,8 @@ from tracing.instrumentation._experiment_items import (
     server_experiment_id,
     task_id_for,
 )
-from tracing.instrumentation._experiment_ledger import SCORED, SENT, Ledger
-from tracing.instrumentation._experiment_results import (
+from tracing.experiments._experiment_ledger import SCORED, SENT, Ledger
+from tracing.experiments._experiment_results import (
     TaskItemResult,
     TaskRunResult,
     evaluate,

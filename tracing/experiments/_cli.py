@@ -68,7 +68,7 @@ def experiment(ctx: click.Context, dataset: str, task_name: str, evaluators: Seq
     item_evaluators = [_function(spec) for spec in evaluators]
     run_level = [_function(spec) for spec in run_evaluators]
     data = _dataset(dataset, app)
-    from tracing.instrumentation._experiments import run_experiment
+    from tracing.experiments._experiments import run_experiment
 
     with click.progressbar(length=len(data.items), label=f"{dataset}: items",
                            show_pos=True) as bar:
