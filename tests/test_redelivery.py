@@ -174,8 +174,9 @@ def test_whole_worker_killed_then_redelivered_to_the_next(
     broker = redis.Redis.from_url(worker_env["CELERY_BROKER_URL"])
     # kombu pops a message (BRPOP) and only then records it as unacknowledged: a worker
     # killed in between loses it for good, so wait until both messages are in `unacked`.
+    # (By its task id: the db may hold other tests' unacknowledged messages.)
     wait_until(lambda: broker.llen(worker_env["TEST_QUEUE"]) == 0
-               and broker.hlen("unacked") >= 2, 30,
+               and any(prefetched.id.encode() in v for v in broker.hvals("unacked")), 30,
                "the worker to prefetch the second message (and record it unacknowledged)")
     worker.kill_group()
     start_worker(env=env, concurrency=1)

@@ -28,8 +28,13 @@ app.conf.update(
 
 if os.environ.get("TEST_VISIBILITY_TIMEOUT"):
     # Redis restores an unacked message (acks_late, worker killed) after this many seconds.
+    # kombu sweeps for such messages every interval x throttle seconds (10 x 10 by default:
+    # a message missed by a new worker's first sweep came back 100 s later), under a mutex
+    # a killed worker may leave held for unacked_mutex_expire (300 s by default).
     app.conf.broker_transport_options = {
-        "visibility_timeout": float(os.environ["TEST_VISIBILITY_TIMEOUT"])}
+        "visibility_timeout": float(os.environ["TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": 5}
 
 if os.environ.get("TEST_CLIENT_BEFORE_INSTRUMENT"):
     # An application that created its Langfuse client at import time, before instrument().
