@@ -104,6 +104,76 @@ def test_the_canvas_input_is_redacted_like_a_tasks(app, published, producer):
     assert second["kwargs"] == {"q": "bye"}
 
 
+class _Text(str):
+    """A user's str subclass (marshal refuses it; OpenTelemetry's encoder sends its text)."""
+
+    def __str__(self) -> str:
+        return "not the text"
+
+
+@pytest.mark.parametrize("case", ["root", "nested, failed"])
+def test_the_canvas_record_is_the_span_the_sdk_would_write(app, monkeypatch, case):
+    """The canvas root, written as a compact record without an OpenTelemetry span, ships as
+    exactly the OTLP OpenTelemetry's encoder makes of the span the Langfuse SDK would have
+    written (its attribute names, resource, scope with the public key, parent flags)."""
+    from langfuse._client.attributes import LangfuseOtelSpanAttributes as A
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    from tracing._sdk import sdk_version
+    from tracing.instrumentation import _canvas_span
+    from tracing.spool import scan
+    from tracing.spool._spanrecord import otlp_request
+
+    config = tracing.load_config(environ={
+        "LANGFUSE_PUBLIC_KEY": "pk-lf-record", "LANGFUSE_SECRET_KEY": "sk",
+        "LANGFUSE_TRACING_ENVIRONMENT": "staging", "LANGFUSE_RELEASE": "1.2.3"})
+    monkeypatch.setattr(_canvas_span, "time", type("T", (), {"time_ns": lambda: 2_000}))
+    nested, error = case != "root", RuntimeError("broker down") if case != "root" else None
+    members = [app.signature("t.add", args=[1, 2]), app.signature("t.add", kwargs={"n": 3})]
+    node = _canvas.Node("chord", "g-1", members, app.signature("t.total"), 0xABC, 0xDEF,
+                        0x123 if nested else None, started_ns=1_000)
+    with _propagation.trace_attributes(user_id=_Text("u-1"), tags=["a"], trace_name="nightly",
+                                       metadata={"k": 5}):
+        frame = _canvas_span.canvas_frame(config, node, None, error)
+    [record] = scan(frame).records
+    ours = ExportTraceServiceRequest.FromString(otlp_request(record.payload))
+
+    members_text = ('{"members":[{"task":"t.add","args":[1,2],"kwargs":{}},{"task":"t.add",'
+                    '"args":[],"kwargs":{"n":3}}],"callback":{"task":"t.total","args":[],'
+                    '"kwargs":{}}}')
+    message = "publishing failed: RuntimeError: broker down"
+    attributes = {A.OBSERVATION_TYPE: "chain", A.OBSERVATION_INPUT: members_text,
+                  A.ENVIRONMENT: "staging", A.RELEASE: "1.2.3",
+                  f"{A.OBSERVATION_METADATA}.canvas": '"chord"',
+                  f"{A.OBSERVATION_METADATA}.group_id": '"g-1"',
+                  f"{A.OBSERVATION_METADATA}.members": "2",
+                  A.OBSERVATION_LEVEL: "ERROR" if error else "DEFAULT",
+                  A.OBSERVATION_OUTPUT: '{"group_id": "g-1", "task_ids": []}'}
+    if error:
+        attributes[A.OBSERVATION_STATUS_MESSAGE] = message
+    else:  # a top-level root carries the trace attributes
+        attributes.update({A.TRACE_NAME: "nightly", A.TRACE_USER_ID: "u-1",
+                           A.TRACE_TAGS: ("a",), f"{A.TRACE_METADATA}.k": "5"})
+    expected = ReadableSpan(
+        name="chord: t.add ×2 → t.total" if nested else "nightly",
+        context=SpanContext(0xABC, 0xDEF, False, TraceFlags(1)),
+        parent=SpanContext(0xABC, 0x123, True, TraceFlags(1)) if nested else None,
+        resource=Resource({A.ENVIRONMENT: "staging", A.RELEASE: "1.2.3"}),
+        attributes=attributes, kind=SpanKind.INTERNAL,
+        status=Status(StatusCode.ERROR, message) if error else Status(StatusCode.UNSET),
+        start_time=1_000, end_time=2_000,
+        instrumentation_scope=InstrumentationScope("langfuse-sdk", sdk_version(), None,
+                                                   {"public_key": "pk-lf-record"}))
+    assert ours == encode_spans([expected])
+
+
 def test_a_pinned_parent_is_used_for_one_publish_then_dropped():
     """The publish handler sends a message with a pinned parent under it and drops the pin,
     so the task's retries (which copy its headers) hang under the attempt before."""

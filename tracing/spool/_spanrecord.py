@@ -50,6 +50,11 @@ Resource and scope are nested marshal blobs so both sides cache them by value (e
 a process shares them): the writer marshals each once, the shipper encodes each once.
 A body that does not decode is an error the shipper dead-letters with the reason; it is never
 dropped silently. A writer that meets a value marshal refuses writes that span as version 1.
+
+Two writers: :func:`span_record` for an OpenTelemetry ``ReadableSpan`` (the exporter), and
+:func:`compact_span_record` for a writer that has the fields without building a span (the
+canvas root, ``_canvas_span``: one record per canvas, at publish, where building the span
+and its context objects cost more than the record).
 """
 
 from __future__ import annotations
@@ -64,8 +69,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracing.spool import KIND_SPAN, encode_frame
 
-__all__ = ["BODY_COMPACT", "BODY_OTLP", "encode_record", "otlp_request", "resource_blob",
-           "scope_blob", "span_record"]
+__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "otlp_request",
+           "parent_flags", "resource_blob", "scope_blob", "span_record"]
 
 BODY_OTLP = 0x0A
 BODY_COMPACT = 0x02
@@ -123,6 +128,12 @@ def _flags(parent: Any) -> int:
     return _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
 
 
+def parent_flags(parent_is_remote: bool) -> int:
+    """Field 3 of a compact record: the OTLP span flags for a parent that is remote or not
+    (also the value for no parent: ``False``)."""
+    return _HAS_IS_REMOTE | (_IS_REMOTE if parent_is_remote else 0)
+
+
 def encode_record(span: ReadableSpan) -> bytes:
     """The KIND_SPAN payload of ``span``: its ids, then the compact body (or OTLP, see above)."""
     context = span.get_span_context()
@@ -155,6 +166,16 @@ def encode_record(span: ReadableSpan) -> bytes:
 def span_record(span: ReadableSpan) -> bytes:
     """One spool frame holding ``span``."""
     return encode_frame(KIND_SPAN, encode_record(span))
+
+
+def compact_span_record(trace_id: int, span_id: int, fields: tuple[Any, ...]) -> bytes:
+    """One spool frame holding a compact (version 2) record of ``fields``, the 17 fields
+    above in their order, for the span ``span_id`` of trace ``trace_id``. Raises
+    ``ValueError`` for a value marshal refuses (the caller has no span to fall back to)."""
+    if len(fields) != 17:
+        raise ValueError(f"a compact span record has 17 fields, not {len(fields)}")
+    ids = span_id.to_bytes(8, "big") + trace_id.to_bytes(16, "big")
+    return encode_frame(KIND_SPAN, ids + _COMPACT + marshal.dumps(fields, _MARSHAL_VERSION))
 
 
 # --------------------------------------------------------------------------- OTLP
