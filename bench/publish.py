@@ -6,6 +6,11 @@ what sending a chord from outside any trace costs for its root observation.
 handler the way a publish does, inside a producer's Langfuse observation, alternating blocks
 of the two settings so drift hits both alike. Nothing is sent anywhere (no broker; the
 client's exporter drops its spans).
+
+``python -m bench.publish --before COMMIT --rounds 5 [--out ...]`` measures the canvas only,
+for ``tracing/`` as of COMMIT and as in this tree side by side (``bench.taskpath.snapshot``:
+the same bench code, only ``tracing/`` differs), a fresh interpreter per side and round,
+sides alternated; ``publish_canvas_compare`` rows give min / median / max over rounds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -86,16 +92,24 @@ def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -
               for i in range(members)]
     body = app.signature("tasks.combine_summaries")
     samples: dict[bool, list[int]] = {False: [], True: []}
+    cpu_sends: dict[bool, list[int]] = {False: [], True: []}  # CPU time of this thread
     alone: list[int] = []
     cpu_time: list[int] = []  # the same, CPU time of this thread: less hurt by a busy machine
     try:
+        chord(header, body).apply_async()  # Celery's own first-send costs, untraced
+        _canvas.install()
+        cpu, started = time.thread_time_ns(), time.perf_counter_ns()
+        chord(header, body).apply_async()  # the first canvas root: spool segment opened
+        first = {"wall_us": (time.perf_counter_ns() - started) / 1000,
+                 "cpu_us": (time.thread_time_ns() - cpu) / 1000}
         for n in range(2 * iterations // block):
             installed = bool(n % 2)
             (_canvas.install if installed else _canvas.uninstall)()
             for _ in range(block):
-                started = time.perf_counter_ns()
+                cpu, started = time.thread_time_ns(), time.perf_counter_ns()
                 chord(header, body).apply_async()
                 samples[installed].append(time.perf_counter_ns() - started)
+                cpu_sends[installed].append(time.thread_time_ns() - cpu)
         for _ in range(iterations):
             group_id, callback = str(uuid.uuid4()), body.clone()
             started, cpu = time.perf_counter_ns(), time.thread_time_ns()
@@ -113,20 +127,94 @@ def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -
         _instrument._config = None
         app.close()
     plain, rooted = summary_us(samples[False]), summary_us(samples[True])
+    plain_cpu, rooted_cpu = summary_us(cpu_sends[False]), summary_us(cpu_sends[True])
     return {"bench": "publish_canvas", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "members": members, "chord_send_untraced": plain, "chord_send_traced": rooted,
             "canvas_root_cost_median_us": round(rooted["median_us"] - plain["median_us"], 2),
+            "chord_send_untraced_cpu": plain_cpu, "chord_send_traced_cpu": rooted_cpu,
+            "canvas_root_cost_cpu_median_us": round(
+                rooted_cpu["median_us"] - plain_cpu["median_us"], 2),
+            "first_traced_chord_send": first,
             "canvas_root_alone": summary_us(alone),
             "canvas_root_alone_cpu": summary_us(cpu_time),
             "plain_send_added_lookup": summary_us(lookup)}
 
 
+_CANVAS = """
+import json, sys, tracing
+from bench.publish import measure_canvas
+print(json.dumps({"tracing": tracing.__file__, **measure_canvas(int(sys.argv[1]))}))
+"""
+_COMPARED = {  # row key -> path into a publish_canvas row
+    "canvas_root_alone_cpu_median_us": ("canvas_root_alone_cpu", "median_us"),
+    "canvas_root_alone_median_us": ("canvas_root_alone", "median_us"),
+    "chord_send_cost_cpu_median_us": ("canvas_root_cost_cpu_median_us",),
+    "chord_send_cost_median_us": ("canvas_root_cost_median_us",),
+    "chord_send_untraced_cpu_median_us": ("chord_send_untraced_cpu", "median_us"),
+    "first_traced_chord_send_cpu_us": ("first_traced_chord_send", "cpu_us"),
+}
+
+
+def compare_canvas(before: str, rounds: int, iterations: int) -> list[dict[str, Any]]:
+    """``measure_canvas`` for ``tracing/`` of ``before`` and of this tree (HEAD), a fresh
+    interpreter per side and round, sides alternated; one summary row per side."""
+    import subprocess
+    import tempfile
+
+    from bench._stats import median
+    from bench.taskpath import rev, snapshot
+
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="bench-publish-") as tmp:
+        roots = snapshot(before, Path(tmp))
+        for round_no in range(rounds):
+            for side in (["before", "after"] if round_no % 2 == 0 else ["after", "before"]):
+                done = subprocess.run(
+                    [sys.executable, "-c", _CANVAS, str(iterations)], cwd=roots[side],
+                    capture_output=True, text=True, timeout=900, check=True,
+                    env={**os.environ, "PYTHONPATH": str(roots[side])})
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                if not row.pop("tracing").startswith(str(roots[side])):
+                    raise RuntimeError(f"{side}: imported another tree's tracing")
+                runs[side].append(row)
+    out = []
+    for side, rows in runs.items():
+        spread = {}
+        for key, path in _COMPARED.items():
+            values = []
+            for row in rows:
+                value: Any = row
+                for part in path:
+                    value = value[part]
+                values.append(float(value))
+            spread[key] = {"min": round(min(values), 2), "median": round(median(values), 2),
+                           "max": round(max(values), 2)}
+        out.append({"bench": "publish_canvas_compare", "side": side, "rounds": rounds,
+                    "iterations": iterations, "members": rows[0]["members"], **spread,
+                    "commits": {"before": rev(before), "after": rev("HEAD")},
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.publish", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.publish", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--iterations", type=int, default=5000)
+    parser.add_argument("--before", help="compare the canvas cost with tracing/ of this commit")
+    parser.add_argument("--rounds", type=int, default=5, help="with --before: rounds per side")
     args = parser.parse_args(argv)
-    command = "python -m bench.publish" + (f" --out {args.out}" if args.out else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m bench.publish", *given])
+    if args.before:
+        for record in compare_canvas(args.before, args.rounds, max(200, args.iterations // 2)):
+            record["command"] = command
+            print(json.dumps(record), flush=True)
+            if args.out:
+                with args.out.open("a") as out:
+                    out.write(json.dumps(record) + "\n")
+        return
     for record in (measure(args.iterations), measure_canvas(max(200, args.iterations // 2))):
         record["command"] = command
         print(json.dumps(record, indent=2))
