@@ -90,8 +90,9 @@ class Node:
     absorb_header: bool = False  # an eager chord: its header group is this same canvas
     started_ns: int = field(default_factory=time.time_ns)
 
-    @property
+    @functools.cached_property
     def context(self) -> SpanContext:
+        """Its span context (made once: the callback's pin and the send both use it)."""
         return SpanContext(self.trace_id, self.span_id, is_remote=False,
                            trace_flags=TraceFlags(TraceFlags.SAMPLED))
 

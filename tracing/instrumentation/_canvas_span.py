@@ -51,8 +51,12 @@ _INTERNAL = 0  # SpanKind.INTERNAL
 def label(sig: Any) -> str:
     """A signature's name: the task's, or ``chain(a → b)`` / ``group(a ×2)`` /
     ``chord(a ×2 → b)`` for a canvas inside a canvas."""
-    kind = str(_get(sig, "task", "") or "?")
-    kwargs = _get(sig, "kwargs", {}) or {}
+    if not isinstance(sig, dict):  # a Signature is one
+        return "?"
+    kind = str(sig.get("task", "") or "?")
+    if not kind.startswith("celery."):
+        return kind  # a task: most members
+    kwargs = sig.get("kwargs", {}) or {}
     if kind == "celery.chain" and kwargs.get("tasks"):
         return "chain(" + " → ".join(label(t) for t in kwargs["tasks"]) + ")"
     if kind == "celery.group" and kwargs.get("tasks") is not None:
@@ -90,12 +94,17 @@ def canvas_name(kind: str, members: list[Any], callback: Any,
 
 
 def _member(sig: Any, name: str | None = None) -> dict[str, Any]:
-    options = _get(sig, "options", {}) or {}
-    entry: dict[str, Any] = {"task": name or label(sig)}
-    if options.get("task_id"):
-        entry["id"] = options["task_id"]
-    entry["args"] = list(_get(sig, "args", ()) or ())
-    entry["kwargs"] = dict(_get(sig, "kwargs", {}) or {}) if "(" not in entry["task"] else {}
+    """A member's entry in the canvas input: task, id (if frozen), args, kwargs (a canvas
+    inside the canvas shows its name, not its members' kwargs)."""
+    task = name or label(sig)
+    if not isinstance(sig, dict):
+        return {"task": task, "args": [], "kwargs": {}}
+    entry: dict[str, Any] = {"task": task}
+    task_id = (sig.get("options") or {}).get("task_id")
+    if task_id:
+        entry["id"] = task_id
+    entry["args"] = list(sig.get("args") or ())
+    entry["kwargs"] = dict(sig.get("kwargs") or {}) if "(" not in task else {}
     return entry
 
 
