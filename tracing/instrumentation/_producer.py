@@ -136,7 +136,8 @@ def _forget_after_fork() -> None:
 
 def _ensure_shipper(config: Config) -> None:
     global _shipper
-    if _shipper is not None and _shipper is not False and _shipper.config != config:
+    if (_shipper is not None and _shipper is not False and _shipper.config is not config
+            and _shipper.config != config):  # identity first: comparing every field costs
         _shipper.stop(0.5)  # instrument() changed the keys or the spool: ship with the new
         _shipper = None
     if _shipper is None:
