@@ -308,7 +308,7 @@ def _write(config: Any, node: Node, result: Any, error: BaseException | None) ->
     _written[node.group_id] = None
     while len(_written) > 1000:
         _written.popitem(last=False)
-    if not _producer.sampled(config, f"{node.trace_id:032x}"):
+    if config.sample_rate < 1 and not _producer.sampled(config, f"{node.trace_id:032x}"):
         return
     _producer.write(config, canvas_frame(config, node, result, error))
 
