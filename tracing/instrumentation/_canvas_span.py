@@ -120,7 +120,8 @@ def _input_text(value: Any, config: Config) -> str:
             return "<withheld: mask failed>"
     try:
         text = _JSON.encode(value)  # json.dumps(value, ensure_ascii=False, ...), no new encoder
-        fits = len(text.encode("utf-8")) <= config.max_payload_bytes
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii: O(1)
+        fits = size <= config.max_payload_bytes
     except (TypeError, ValueError, RecursionError):  # not plain JSON, or a lone surrogate
         fits = False
     if fits and not _any_secret_key(_entries(value), config.redact_keys):
