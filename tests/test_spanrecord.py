@@ -13,7 +13,14 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
-from tracing.spool._spanrecord import BODY_COMPACT, BODY_OTLP, encode_record, otlp_request
+from tracing.spool import scan
+from tracing.spool._spanrecord import (
+    BODY_COMPACT,
+    BODY_OTLP,
+    compact_span_record,
+    encode_record,
+    otlp_request,
+)
 
 TRACE, SPAN, PARENT = 0xABCDEF0123456789ABCDEF0123456789, 0x1122334455667788, 0x99AA
 RESOURCE = Resource({"service.name": "worker", "telemetry.sdk.version": "1.45.2",
@@ -69,6 +76,20 @@ def test_compact_record_ships_as_opentelemetrys_own_otlp(name):
     assert payload[24] == BODY_COMPACT
     ours = ExportTraceServiceRequest.FromString(otlp_request(payload))
     assert ours == encode_spans([sdk_span])
+
+
+@pytest.mark.parametrize("name", ["task", "root", "error", "trace state"])
+def test_a_record_written_from_its_fields_ships_as_the_spans_own(name):
+    """``compact_span_record`` (a writer without a span: the canvas root) given a span's
+    17 fields makes a frame whose OTLP is OpenTelemetry's for that span; any other number
+    of fields is refused."""
+    sdk_span = CASES[name]
+    fields = marshal.loads(encode_record(sdk_span)[25:])
+    [record] = scan(compact_span_record(TRACE, SPAN, fields)).records
+    ours = ExportTraceServiceRequest.FromString(otlp_request(record.payload))
+    assert ours == encode_spans([sdk_span])
+    with pytest.raises(ValueError, match="17 fields"):
+        compact_span_record(TRACE, SPAN, fields[:16])
 
 
 def test_old_otlp_records_pass_through_unchanged():
