@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install worker enqueue demo test lint bench bench-quick clean
+.PHONY: install worker enqueue demo test lint bench bench-quick bench-taskpath clean
 
 # Which interpreter a virtualenv runs: its base installation and version. A .venv made by
 # another interpreter than PYTHON (say PYTHON=python3.13 after a default build) is made anew.
@@ -58,6 +58,14 @@ bench: install
 
 bench-quick: install
 	$(PY) -m bench --quick
+
+## bench-taskpath: the task path of BEFORE (a commit) and of this tree side by side, rounds
+## alternated, then the chart docs/benchmarks-taskpath.png from bench/results.jsonl (~15 min)
+BEFORE ?= HEAD~1
+bench-taskpath: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench.taskpath --before $(BEFORE) --rounds 4 --out bench/results.jsonl
+	$(PY) -m bench.chart
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
