@@ -64,28 +64,27 @@ def _time_block(call: Callable[[], Any], n: int) -> list[int]:
     return samples
 
 
-def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
-    """Per-task time with and without the handlers, and their difference (µs)."""
-    import tracing
+def _handlers_on_off(task: Any, iterations: int, block: int,
+                     between: Callable[[], Any] = lambda: None) -> dict[str, Any]:
+    """``task.apply()`` timed in alternating blocks with the worker handlers connected and
+    disconnected (``between`` runs after each block); their summaries and difference (µs)."""
     from tracing.instrumentation._instrument import (
         _connect_worker_handlers,
         _disconnect_worker_handlers,
     )
 
-    with traced_runtime(spool_dir) as (app, runtime):
-        task = app.tasks["bench.trivial"]
-        _time_block(lambda: task.apply(args=(0,)), 200)  # warm caches and the SDK
-        traced: list[int] = []
-        plain: list[int] = []
-        gc.collect()
-        for _ in range(max(1, iterations // block)):
-            _connect_worker_handlers()
-            traced += _time_block(lambda: task.apply(args=(1,)), block)
-            _disconnect_worker_handlers()
-            plain += _time_block(lambda: task.apply(args=(1,)), block)
+    _time_block(lambda: task.apply(args=(0,)), 200)  # warm caches and the SDK
+    traced: list[int] = []
+    plain: list[int] = []
+    gc.collect()
+    for _ in range(max(1, iterations // block)):
         _connect_worker_handlers()
-        assert tracing.is_instrumented(app)
-        runtime.flush()
+        traced += _time_block(lambda: task.apply(args=(1,)), block)
+        between()
+        _disconnect_worker_handlers()
+        plain += _time_block(lambda: task.apply(args=(1,)), block)
+        between()
+    _connect_worker_handlers()
     with_tracing, without = summary_us(traced), summary_us(plain)
     return {
         "traced": with_tracing, "untraced": without,
@@ -94,14 +93,20 @@ def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[st
     }
 
 
+def task_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
+    """Per-task time with and without the handlers, and their difference (µs)."""
+    import tracing
+
+    with traced_runtime(spool_dir) as (app, runtime):
+        result = _handlers_on_off(app.tasks["bench.trivial"], iterations, block)
+        assert tracing.is_instrumented(app)
+        runtime.flush()
+    return result
+
+
 def generation_overhead(spool_dir: Path, iterations: int, block: int = 200) -> dict[str, Any]:
     """As :func:`task_overhead`, for a task whose body makes one SDK generation (so the
     difference also holds what the task's tracing adds to exporting the generation)."""
-    from tracing.instrumentation._instrument import (
-        _connect_worker_handlers,
-        _disconnect_worker_handlers,
-    )
-
     with traced_runtime(spool_dir) as (app, runtime):
         client = runtime.client
 
@@ -113,25 +118,8 @@ def generation_overhead(spool_dir: Path, iterations: int, block: int = 200) -> d
                 observation.update(output=f"PROMPT {i}", usage_details={"input": 2, "output": 2})
             return i
 
-        task = app.tasks["bench.generation"]
-        _time_block(lambda: task.apply(args=(0,)), 200)
-        traced: list[int] = []
-        plain: list[int] = []
-        gc.collect()
-        for _ in range(max(1, iterations // block)):
-            _connect_worker_handlers()
-            traced += _time_block(lambda: task.apply(args=(1,)), block)
-            runtime.flush()
-            _disconnect_worker_handlers()
-            plain += _time_block(lambda: task.apply(args=(1,)), block)
-            runtime.flush()
-        _connect_worker_handlers()
-    with_tracing, without = summary_us(traced), summary_us(plain)
-    return {
-        "traced": with_tracing, "untraced": without,
-        "overhead_median_us": round(with_tracing["median_us"] - without["median_us"], 2),
-        "overhead_p99_us": round(with_tracing["p99_us"] - without["p99_us"], 2),
-    }
+        return _handlers_on_off(app.tasks["bench.generation"], iterations, block,
+                                between=runtime.flush)
 
 
 def otlp_span_frame(span: Any) -> bytes:
