@@ -54,6 +54,14 @@ def run_echoes(env: dict[str, str], n: int) -> list[str]:
     return [r.id for r in results]
 
 
+def arrived_again(receiver: LangfuseReceiver, task_ids: list[str]) -> None:
+    """Wait until the t.echo tasks run after Langfuse came back have all arrived."""
+    receiver.wait_for(
+        lambda obs: {o.metadata.get("task_id") for o in obs if o.name == "t.echo"}
+        >= set(task_ids),
+        timeout=60, what=f"the {len(task_ids)} tasks run after Langfuse came back")
+
+
 def caught_up(spool: Path) -> None:
     """Wait until the shipper reports its spool shipped (Langfuse took everything)."""
     wait_until(lambda: (read_status(spool) or {}).get("pending_bytes", 1) == 0
@@ -94,9 +102,7 @@ def test_full_disk_loses_count_not_duplicates(
     receiver.set_fail_rate(0.0)
     caught_up(tiny_spool)
     later = run_echoes(env, 20)
-    receiver.wait_for(
-        lambda obs: {o.metadata.get("task_id") for o in obs if o.name == "t.echo"} >= set(later),
-        timeout=60, what="the 20 tasks run after Langfuse came back")
+    arrived_again(receiver, later)
     assert worker.stop() == 0
     stop_log = worker.output
     drained = drain({**env, "CELERY_LANGFUSE_SPOOL_DIR": str(tiny_spool)})
@@ -138,9 +144,7 @@ def test_cap_frees_space_on_a_full_disk(
     receiver.set_fail_rate(0.0)
     caught_up(tiny_spool)
     later = run_echoes(env, 20)
-    receiver.wait_for(
-        lambda obs: {o.metadata.get("task_id") for o in obs if o.name == "t.echo"} >= set(later),
-        timeout=60, what="the 20 tasks run after Langfuse came back")
+    arrived_again(receiver, later)
     assert worker.stop() == 0
     status = read_status(tiny_spool) or {}
     arrived = len({o.id for o in receiver.observations if not closing(o)})
