@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracing.spool import write_all_at
+
 logger = logging.getLogger("celery_langfuse")
 
 STATUS_FILE = "shipper-status.json"
@@ -98,10 +100,7 @@ def _overwrite(path: Path, data: bytes) -> bool:
         size = os.fstat(fd).st_size
         if len(data) >= size:
             return False
-        padded = _padded(data, size)
-        written = 0
-        while written < size:
-            written += os.pwrite(fd, padded[written:], written)
+        write_all_at(fd, _padded(data, size), 0)
         return True
     finally:
         os.close(fd)

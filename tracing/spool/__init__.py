@@ -50,6 +50,7 @@ from tracing.spool._format import (
     scan_file,
     span_payload,
     split_span_payload,
+    write_all_at,
 )
 from tracing.spool._segments import (
     SegmentId,
@@ -111,6 +112,7 @@ __all__ = [
     "spool_size",
     "sweep_writer_locks",
     "take_writer_lock",
+    "write_all_at",
     "write_cursor",
     "write_dead_letter",
     "writer_alive",

@@ -29,6 +29,7 @@ from tracing.spool._format import (
     _write_all,
     encode_frame,
     scan_file,
+    write_all_at,
 )
 from tracing.spool._segments import (
     _drop_writer_lock_if_done,
@@ -154,7 +155,7 @@ def write_cursor(segment: StrPath, offset: int) -> None:
                 first = _slot_value(raw[:CURSOR_SLOT_SIZE])
                 second = _slot_value(raw[CURSOR_SLOT_SIZE:])
                 older_first = first is None or (second is not None and first <= second)
-                _pwrite_all(fd, _slot(offset), 0 if older_first else CURSOR_SLOT_SIZE)
+                write_all_at(fd, _slot(offset), 0 if older_first else CURSOR_SLOT_SIZE)
                 return
         finally:
             os.close(fd)
@@ -184,8 +185,6 @@ def spool_size(spool_dir: StrPath) -> int:
             continue
         total += max(0, size - read_cursor(path))
     return total
-
-
 
 
 # --------------------------------------------------------------------------- shipper lock
@@ -337,13 +336,6 @@ def read_dead_letters(spool_dir: StrPath) -> list[DeadLetter]:
                 when = path.stat().st_mtime
         out.append(DeadLetter(path, reason, when, result.records))
     return out
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def _temp_file_holding(path: Path, data: bytes) -> Path:

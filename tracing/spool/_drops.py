@@ -28,7 +28,7 @@ import re
 import threading
 from pathlib import Path
 
-from tracing.spool._format import StrPath
+from tracing.spool._format import StrPath, write_all_at
 
 # Causes written by this package (the ledger accepts any short word).
 DISK_FULL = "disk_full"  # ENOSPC / EDQUOT while appending
@@ -56,7 +56,7 @@ def reserve_ledger(spool_dir: StrPath) -> bool:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _pwrite_all(fd, _render({}), 0)
+            write_all_at(fd, _render({}), 0)
         finally:
             os.close(fd)
         with contextlib.suppress(FileExistsError):
@@ -96,7 +96,7 @@ def record_drops(spool_dir: StrPath, writer: str | None, counts: dict[str, int])
             data = _render(_fold(table), size)
         if len(data) > size:
             return False
-        _pwrite_all(fd, data, 0)
+        write_all_at(fd, data, 0)
         return True
     except OSError:
         return False
@@ -155,10 +155,3 @@ def _render(table: dict[tuple[str, str], int], size: int = LEDGER_SIZE) -> bytes
     if len(lines) >= size:
         return lines
     return lines + b" " * (size - len(lines) - 1) + b"\n"
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n

@@ -382,3 +382,12 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def write_all_at(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` of all of ``data`` at ``offset`` (a short write goes on with the rest):
+    an in-place overwrite of bytes the file already holds, which needs no new disk space."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
