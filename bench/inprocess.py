@@ -55,6 +55,17 @@ def traced_runtime(spool_dir: Path) -> Iterator[tuple[Celery, Any]]:
         _runtime._runtime = None  # later in-process users (tests) must not see this runtime
 
 
+def _as_in_a_worker() -> None:
+    """Disconnect the eager handlers, as ``worker_init`` does in a worker (so its pool
+    children never run them): ``Task.apply()`` then costs what a pool child's task pays."""
+    from celery import signals
+
+    for signal, name in ((signals.task_prerun, "on_eager_prerun"),
+                         (signals.task_postrun, "on_eager_postrun"),
+                         (signals.task_postrun, "after_eager_postrun")):
+        signal.disconnect(dispatch_uid=f"celery_langfuse.{name}")
+
+
 def _time_block(call: Callable[[], Any], n: int) -> list[int]:
     samples = []
     for _ in range(n):
@@ -79,6 +90,7 @@ def _handlers_on_off(task: Any, iterations: int, block: int,
     gc.collect()
     for _ in range(max(1, iterations // block)):
         _connect_worker_handlers()
+        _as_in_a_worker()
         traced += _time_block(lambda: task.apply(args=(1,)), block)
         between()
         _disconnect_worker_handlers()

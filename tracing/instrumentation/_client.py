@@ -16,7 +16,8 @@ of the process. So instead of relying on being first, we find the SDK's span pro
 our key, point its batch at the spool exporter, and then replace the batch by a synchronous
 one (``_pipeline``): every span the processor keeps is in the spool when it ends. Spans from
 ``@observe``, ``langfuse.openai`` and LangChain callbacks all pass through that processor;
-task spans are made on a provider of their own and handed to the same processor's ``on_end``.
+task spans write their own record (``_task_span_tracer``), or go to the same processor's
+``on_end`` when its rules must see them.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ from typing import Any
 from langfuse import Langfuse
 from langfuse.span_filter import is_default_export_span
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from tracing import _sdk
 from tracing._config import Config
 from tracing._sdk import LangfuseWiringError
-from tracing.instrumentation._otel import SpanGuard, pin_ids_on
-from tracing.instrumentation._pipeline import make_synchronous, task_span_provider
+from tracing.instrumentation._otel import PinnedIds, SpanGuard, pin_ids_on
+from tracing.instrumentation._pipeline import make_synchronous
+from tracing.instrumentation._task_span_tracer import TaskSpanTracer, scope_for
 
 __all__ = ["LangfuseWiringError", "attach_langfuse", "task_tracer"]
 
@@ -51,8 +53,6 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
     public_key = config.public_key or ""
     existed = _sdk.client_exists(public_key)
     provider = None if existed else (config.tracer_provider or _own_provider(config))
-    if provider is not None and config.tracer_provider is None:
-        _owned.add(provider)
     client = Langfuse(
         public_key=config.public_key,
         secret_key=config.secret_key,
@@ -77,16 +77,18 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
         # only for spans it can change: cloning every span costs ~100 µs per task.
         _sdk.set_batch_exporter(processor, MediaRouter(transformer, exporter))
     make_synchronous(processor)
+    if not existed and config.tracer_provider is None:
+        _owned[provider] = _direct_writing(config, exporter, transformer)
     exported = config.should_export_span or is_default_export_span
     _sdk.put_processor_first(provider, SpanGuard(exported))
     return client, processor
 
 
 def task_tracer(public_key: str) -> Any:
-    """The tracer task spans are made with: the SDK's scope (so its processor's export rules
-    keep them) on a provider of task spans (``_pipeline.task_span_provider``: the SDK's
-    processor sees them end, never start), honouring
-    :func:`~tracing.instrumentation._otel.pinned_ids`."""
+    """The tracer task spans are made with, honouring
+    :func:`~tracing.instrumentation._otel.pinned_ids`: on a provider ``attach_langfuse`` built,
+    a :class:`TaskSpanTracer` (the SDK's scope, the provider's sampler, ids and limits; the
+    SDK's processor never sees a task span start); else the provider's own tracer."""
     provider = _sdk.tracer_provider_of(public_key)
     if provider is None:
         raise LangfuseWiringError(f"no Langfuse client for public key {public_key!r}")
@@ -96,22 +98,42 @@ def task_tracer(public_key: str) -> Any:
     # so task spans always carry the resource the SDK's own spans carry in this process.
     if cached is not None and cached[0] is provider and cached[1] is resource:
         return cached[2]
-    if provider in _owned:
-        spans_of_tasks = task_span_provider(provider, _sdk.langfuse_processor(provider,
-                                                                             public_key))
+    direct = _owned.get(provider)
+    if direct is not None:
+        base_ids = getattr(provider, "id_generator", None)
+        tracer: Any = TaskSpanTracer(
+            provider, _sdk.langfuse_processor(provider, public_key),
+            scope_for(_sdk.TRACER_NAME, _sdk.sdk_version(), public_key),
+            base_ids if isinstance(base_ids, PinnedIds) else PinnedIds(base_ids),
+            _sdk.span_limits_of(provider) or SpanLimits(), *direct)
     else:  # the application's provider (or a client's from before instrument()): task spans
-        spans_of_tasks = provider  # go through every processor on it, as any other span
-    tracer = spans_of_tasks.get_tracer(_sdk.TRACER_NAME, _sdk.sdk_version(),
-                                       attributes={"public_key": public_key})
-    pin_ids_on(tracer)
+        # go through every processor on it, as any other span
+        tracer = provider.get_tracer(_sdk.TRACER_NAME, _sdk.sdk_version(),
+                                     attributes={"public_key": public_key})
+        pin_ids_on(tracer)
     _tracers[public_key] = (provider, resource, tracer)
     return tracer
 
 
 _tracers: dict[str, tuple[Any, Any, Any]] = {}
 # Providers attach_langfuse built: nothing but the SDK's processor (and our guard) is on them,
-# so task spans can skip them for a provider of their own (``_pipeline``).
-_owned: weakref.WeakSet[TracerProvider] = weakref.WeakSet()
+# so task spans skip them (``_task_span_tracer``); with how a task span's record may be
+# written directly: (the spool exporter or None, the media check or None).
+_owned: weakref.WeakKeyDictionary[TracerProvider, tuple[Any, Any]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _direct_writing(config: Config, spool: SpanExporter, transformer: Any) -> tuple[Any, Any]:
+    """Whether a task span may write its own record into ``spool`` (not when the user's
+    ``should_export_span`` or ``mask`` must see it), and the media check its attributes
+    need first (when the SDK's media transformer is on the road)."""
+    if config.should_export_span is not None or config.mask is not None:
+        return None, None
+    if transformer is None:
+        return spool, None
+    if _sdk.transformer_masks(transformer):
+        return None, None
+    return spool, _may_be_media
 
 
 def _own_provider(config: Config) -> TracerProvider:

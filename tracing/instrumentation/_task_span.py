@@ -35,10 +35,11 @@ observation, or under a canvas root it writes (``_canvas``), so a canvas is one 
 A retry is published by the attempt that failed, from inside its observation, so attempt
 *n+1* hangs under attempt *n*: the trace reads as the sequence that happened.
 
-How it is made: directly on the task tracer (the SDK's instrumentation scope on a provider
-of task spans, ``_pipeline``: the SDK's processor applies its export rules when the span
-ends and it goes straight into the spool) with the attribute names the SDK writes, instead
-of through ``start_observation`` + ``update``. The SDK never sees a task span start, so the
+How it is made: directly on the task tracer (``_task_span_tracer``: a span of the SDK's
+instrumentation scope that writes its own record into the spool when it ends, or hands
+itself to the SDK processor's export rules when the user's filter, mask or media need them)
+with the attribute names the SDK writes, instead of through ``start_observation`` +
+``update``. The SDK never sees a task span start, so the
 one start-time rule of its processor that applies to a task span is applied here: a
 parentless task span (a true root) is marked its trace's app root; a span started under a
 remote parent carries the SDK's root-claim baggage and is never one.
