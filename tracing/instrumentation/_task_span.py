@@ -61,6 +61,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from tracing import _sdk
 from tracing.instrumentation._otel import pinned_ids
+from tracing.instrumentation._task_span_tracer import TaskSpanTracer
 
 _propagator = TraceContextTextMapPropagator()
 _NAMES = _sdk.attribute_names()
@@ -113,9 +114,12 @@ def start_task_span(
     marked its trace's app root, as the SDK's processor marks a parentless span)."""
     if pinned is None:
         return tracer.start_span(name, context=context, attributes=attributes)
+    root_attributes = {**attributes, _NAMES.IS_APP_ROOT: True}
+    if isinstance(tracer, TaskSpanTracer):
+        return tracer.start_span(name, context=context, attributes=root_attributes,
+                                 pinned=pinned)
     with pinned_ids(*pinned):
-        return tracer.start_span(name, context=context,
-                                 attributes={**attributes, _NAMES.IS_APP_ROOT: True})
+        return tracer.start_span(name, context=context, attributes=root_attributes)
 
 
 def start_attributes(

@@ -49,6 +49,8 @@ from tracing.spool._spanrecord import compact_span_record, parent_flags, resourc
 logger = logging.getLogger("celery_langfuse")
 
 _PLAIN = (str, bool, int, float)
+_SAMPLED, _NOT_SAMPLED = TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)
+_UNSET = Status(StatusCode.UNSET)
 
 
 class TaskSpanTracer:
@@ -69,15 +71,22 @@ class TaskSpanTracer:
         self.blobs = (resource_blob(self.resource), scope_blob(scope))
 
     def start_span(self, name: str, context: otel_context.Context | None = None,
-                   attributes: Mapping[str, Any] | None = None) -> Any:
+                   attributes: Mapping[str, Any] | None = None,
+                   pinned: tuple[int, int] | None = None) -> Any:
+        """A span as the provider's tracer starts one (``pinned``: the trace and span ids of
+        a parentless span, as ``_otel.pinned_ids`` gives them)."""
         found = otel_trace.get_current_span(context).get_span_context()
         parent = found if found.is_valid else None
-        trace_id = parent.trace_id if parent else self.id_generator.generate_trace_id()
+        ids = self.id_generator
+        if parent is not None:
+            trace_id = parent.trace_id
+        else:
+            trace_id = pinned[0] if pinned else ids.generate_trace_id()
         sampled = self.sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL,
                                              attributes)
         span_context = SpanContext(
-            trace_id, self.id_generator.generate_span_id(), is_remote=False,
-            trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled.decision.is_sampled() else 0),
+            trace_id, pinned[1] if pinned else ids.generate_span_id(), is_remote=False,
+            trace_flags=_SAMPLED if sampled.decision.is_sampled() else _NOT_SAMPLED,
             trace_state=sampled.trace_state)
         if not sampled.decision.is_recording():
             return NonRecordingSpan(span_context)
@@ -144,6 +153,23 @@ class TaskSpan(otel_trace.Span):
     look (``name``, ``parent``, ``start_time``, ``attributes``, ``resource``,
     ``instrumentation_scope``, ``_limits``)."""
 
+    __slots__ = (
+        "_limits",
+        "_tracer",
+        "attributes",
+        "context",
+        "dropped_events",
+        "end_time",
+        "events",
+        "instrumentation_scope",
+        "links",
+        "name",
+        "parent",
+        "resource",
+        "start_time",
+        "status",
+    )
+
     def __init__(self, tracer: TaskSpanTracer, name: str, context: SpanContext,
                  parent: SpanContext | None, attributes: dict[str, Any]) -> None:
         self._tracer = tracer
@@ -154,7 +180,7 @@ class TaskSpan(otel_trace.Span):
         self.events: list[Event] = []
         self.links: list[Link] = []
         self.dropped_events = 0
-        self.status = Status(StatusCode.UNSET)
+        self.status = _UNSET
         self.start_time = time.time_ns()
         self.end_time: int | None = None
         self.resource = tracer.resource

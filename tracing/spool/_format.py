@@ -378,7 +378,10 @@ def lost_records(raw: bytes) -> dict[int, int]:
 
 def _write_all(fd: int, data: bytes) -> None:
     # os.write may write less than asked (a signal, a nearly full disk): loop on the rest.
-    view = memoryview(data)
+    written = os.write(fd, data)
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
     while view:
         n = os.write(fd, view)
         view = view[n:]
