@@ -215,3 +215,21 @@ def test_span_limits_of_a_provider():
     limits = SpanLimits(max_attributes=7)
     contract(_sdk.span_limits_of(TracerProvider(span_limits=limits)) is limits,
              "TracerProvider._span_limits is gone")
+
+
+def test_a_context_made_in_one_step_is_the_one_three_copies_make():
+    """``_sdk.context_with`` gives the same current span, baggage and values as
+    ``set_span_in_context`` + ``set_baggage`` + ``set_value``."""
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    span = NonRecordingSpan(SpanContext(1, 2, False))
+    key = otel_context.create_key("contract")
+    made = _sdk.context_with(span, {"claim": "x"}, **{key: "v"})
+    stepwise = otel_context.set_value(key, "v", baggage.set_baggage(
+        "claim", "x", otel_trace.set_span_in_context(span, otel_context.Context())))
+    assert made == stepwise, f"the OpenTelemetry context keys changed ({_sdk.sdk_version()})"
+    assert otel_trace.get_current_span(made) is span
+    assert baggage.get_all(made) == {"claim": "x"} and otel_context.get_value(key, made) == "v"

@@ -29,9 +29,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from opentelemetry import baggage
 from opentelemetry import context as otel_context
-from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 
@@ -159,7 +157,8 @@ class SpanGuard(SpanProcessor):
 def task_context(span: Any) -> otel_context.Context:
     """A context where ``span`` is current, known as the task's span, and claims its trace's
     app root (so no span started in it is marked one)."""
-    ctx = otel_trace.set_span_in_context(span, otel_context.Context())
-    ctx = baggage.set_baggage(_sdk.root_claim_baggage_key(),
-                              f"{span.get_span_context().trace_id:032x}", ctx)
-    return otel_context.set_value(TASK_SPAN_KEY, span, ctx)
+    claim: dict[str, object] = {_CLAIM_KEY: f"{span.get_span_context().trace_id:032x}"}
+    return _sdk.context_with(span, claim, **{TASK_SPAN_KEY: span})
+
+
+_CLAIM_KEY = _sdk.root_claim_baggage_key()
