@@ -148,3 +148,27 @@ def _client_key() -> str:
     runtime = _runtime.current()
     assert runtime is not None
     return runtime.config.public_key or ""
+
+
+def test_the_default_samplers_rule_is_the_samplers_own_decision(tmp_path):
+    """With OpenTelemetry's default sampler, a root is sampled and a child follows its
+    parent's flag (local or remote), with its trace state: what the sampler decides."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.sdk.trace.sampling import DEFAULT_ON
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    tracer = TaskSpanTracer(TracerProvider(), None, scope_for("langfuse-sdk", "5", "pk"),
+                            PinnedIds(), SpanLimits(), None, None)
+    assert tracer.sampler is DEFAULT_ON
+    state = TraceState([("k", "v")])
+    for remote in (False, True):
+        for flags in (TraceFlags(TraceFlags.SAMPLED), TraceFlags(TraceFlags.DEFAULT)):
+            parent = SpanContext(5, 6, remote, flags, state)
+            context = otel_trace.set_span_in_context(NonRecordingSpan(parent))
+            expected = DEFAULT_ON.should_sample(context, 5, "t")
+            span = tracer.start_span("t", context=context)
+            assert span.is_recording() == expected.decision.is_recording()
+            assert span.get_span_context().trace_flags.sampled == expected.decision.is_sampled()
+            assert span.get_span_context().trace_state == expected.trace_state
+    root = tracer.start_span("t", context=otel_context.Context())
+    assert root.is_recording() and root.get_span_context().trace_flags.sampled

@@ -12,8 +12,10 @@ that only keeps its fields, and when it ends writes the compact span record
 What stays exactly as it was, because :class:`TaskSpanTracer` keeps the provider's parts:
 
 * ids: the provider's id generator (pinned ids for a true root, ``_otel.pinned_ids``);
-* sampling: the provider's sampler decides at start; a span it drops is OpenTelemetry's
-  ``NonRecordingSpan`` (its children nest and are dropped alike);
+* sampling: the provider's sampler decides at start (OpenTelemetry's default sampler,
+  ``ParentBased(ALWAYS_ON)``, by its rule without the call: the parent's flag, or sampled
+  for a root); a span it drops is OpenTelemetry's ``NonRecordingSpan`` (its children nest
+  and are dropped alike);
 * span limits: attribute count (the oldest are evicted, as OpenTelemetry does), attribute
   value length, event count; values a user sets are cleaned by OpenTelemetry's
   ``BoundedAttributes`` (the attributes written here are plain ``str``/``int``/``bool``);
@@ -40,6 +42,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
@@ -82,17 +85,22 @@ class TaskSpanTracer:
             trace_id = parent.trace_id
         else:
             trace_id = pinned[0] if pinned else ids.generate_trace_id()
-        sampled = self.sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL,
-                                             attributes)
+        if self.sampler is DEFAULT_ON:  # OpenTelemetry's default: the parent decides
+            recording = sampled = parent is None or parent.trace_flags.sampled
+            trace_state, extra = (parent.trace_state if parent else None), None
+        else:
+            result = self.sampler.should_sample(context, trace_id, name, SpanKind.INTERNAL,
+                                                attributes)
+            sampled, recording = result.decision.is_sampled(), result.decision.is_recording()
+            trace_state, extra = result.trace_state, result.attributes
         span_context = SpanContext(
             trace_id, pinned[1] if pinned else ids.generate_span_id(), is_remote=False,
-            trace_flags=_SAMPLED if sampled.decision.is_sampled() else _NOT_SAMPLED,
-            trace_state=sampled.trace_state)
-        if not sampled.decision.is_recording():
+            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED, trace_state=trace_state)
+        if not recording:
             return NonRecordingSpan(span_context)
         values = dict(attributes or {})
-        if sampled.attributes:
-            values.update(sampled.attributes)
+        if extra:
+            values.update(extra)
         if self.limits.max_attribute_length is not None:
             values = _cleaned(values, self.limits.max_attribute_length)
         return TaskSpan(self, name, span_context, parent, values)
