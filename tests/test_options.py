@@ -90,7 +90,7 @@ def test_trace_id_is_derived_from_the_root_id():
 
 def test_only_spans_that_may_hold_media_go_through_the_sdk_transformer(captured):
     """Spans with base64 data URIs take the SDK's media path; plain spans skip its cloning."""
-    from tracing.instrumentation._client import _may_hold_media
+    from tracing.instrumentation._client import may_hold_media
 
     plain = captured.langfuse.start_observation(name="plain", input={"text": "hello"})
     plain.end()
@@ -98,8 +98,9 @@ def test_only_spans_that_may_hold_media_go_through_the_sdk_transformer(captured)
     media = captured.langfuse.start_observation(name="media", input={"image": image})
     media.end()
     spans = {span.name: span for span in captured.spans()}
-    assert not _may_hold_media(spans["plain"])
-    assert _may_hold_media(spans["media"])
+    assert not may_hold_media(spans["plain"].attributes)
+    assert may_hold_media(spans["media"].attributes)
+    assert may_hold_media({"a": "x", "tags": ("y", image)}) and not may_hold_media({"a": "d\0ata"})
 
 
 def test_join_modes_are_validated_where_they_are_set():

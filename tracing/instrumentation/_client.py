@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langfuse import Langfuse
@@ -133,7 +133,7 @@ def _direct_writing(config: Config, spool: SpanExporter, transformer: Any) -> tu
         return spool, None
     if _sdk.transformer_masks(transformer):
         return None, None
-    return spool, _may_be_media
+    return spool, may_hold_media
 
 
 def _own_provider(config: Config) -> TracerProvider:
@@ -168,7 +168,7 @@ class MediaRouter(SpanExporter):
         plain: list[ReadableSpan] = []
         media: list[ReadableSpan] = []
         for span in spans:
-            (media if _may_hold_media(span) else plain).append(span)
+            (media if may_hold_media(span.attributes or {}) else plain).append(span)
         results = []
         if plain:
             results.append(self.spool.export(plain))
@@ -184,16 +184,17 @@ class MediaRouter(SpanExporter):
         return True
 
 
-def _may_hold_media(span: ReadableSpan) -> bool:
-    for value in (span.attributes or {}).values():
-        if isinstance(value, str):
-            if _may_be_media(value):
-                return True
-        elif isinstance(value, (list, tuple)) and any(
-            isinstance(item, str) and _may_be_media(item) for item in value
-        ):
-            return True
-    return False
+def may_hold_media(attributes: Mapping[str, Any]) -> bool:
+    """Whether any string among ``attributes``' values (or in a sequence value) may be
+    something the SDK's media processing replaces: one scan of all of them joined by NUL,
+    which no pattern the check looks for contains."""
+    texts: list[str] = []
+    for value in attributes.values():
+        if type(value) is str:
+            texts.append(value)
+        elif isinstance(value, (list, tuple)):
+            texts.extend(item for item in value if isinstance(item, str))
+    return _may_be_media("\0".join(texts))
 
 
 def _may_be_media(text: str) -> bool:

@@ -70,7 +70,7 @@ class TaskSpanTracer:
         self.limits = limits
         self.processor = processor
         self.spool = spool  # the SpoolExporter, or None: always through the processor
-        self.media = media  # a text -> bool check, or None: no media transformer
+        self.media = media  # an attributes -> bool check, or None: no media transformer
         self.blobs = (resource_blob(self.resource), scope_blob(scope))
 
     def start_span(self, name: str, context: otel_context.Context | None = None,
@@ -108,7 +108,7 @@ class TaskSpanTracer:
     def finish(self, span: TaskSpan) -> None:
         """The ended ``span`` into the spool: its record written here, or through the
         processor (see the module docstring)."""
-        if self.spool is not None and not self._may_hold_media(span.attributes):
+        if self.spool is not None and not (self.media and self.media(span.attributes)):
             try:
                 frame = compact_span_record(span.context.trace_id, span.context.span_id,
                                             self._fields(span))
@@ -133,13 +133,6 @@ class TaskSpanTracer:
                    parent_flags(link.context.is_remote)) for link in span.links),
             _trace_state_text(span.context), dropped, span.dropped_events, 0, *self.blobs,
         )
-
-    def _may_hold_media(self, attributes: Mapping[str, Any]) -> bool:
-        if self.media is None:
-            return False
-        # One scan of all string values: no pattern the check looks for contains NUL.
-        return bool(self.media("\0".join(
-            [value for value in attributes.values() if type(value) is str])))
 
 
 def _trace_state_text(context: SpanContext) -> str | None:
