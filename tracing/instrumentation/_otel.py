@@ -90,6 +90,8 @@ class DropCounter(logging.Filter):
         return True
 
     def take(self) -> int:
+        if not self.dropped:  # the usual case, read without the lock
+            return 0
         with self._lock:
             count, self.dropped = self.dropped, 0
         return count

@@ -92,7 +92,8 @@ class TraceAttributes:
         return cls(
             user_id=_text(data.get("user_id")),
             session_id=_text(data.get("session_id")),
-            tags=tuple(str(t) for t in (tags if isinstance(tags, (list, tuple)) else [tags])),
+            tags=tuple(dict.fromkeys(
+                str(t) for t in (tags if isinstance(tags, (list, tuple)) else [tags]))),
             metadata=dict(metadata) if isinstance(metadata, Mapping) else {"value": metadata},
             trace_name=_text(data.get("trace_name")),
             version=_text(data.get("version")),

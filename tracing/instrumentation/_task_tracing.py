@@ -139,7 +139,8 @@ def on_task_prerun(
         "reading the experiment header", {}, lambda: experiment_attributes(request))
     if experiment:  # an item of run_experiment: before the open attempt records the span
         span.set_attributes(experiment)
-    attributes = incoming.attributes.merged(_extract(options, kwargs))
+    attributes = incoming.attributes if options.trace_attributes is None else (
+        incoming.attributes.merged(_extract(options, kwargs)))
     propagation = _propagate(attributes)
     if propagation is not None:
         propagation.__enter__()
@@ -190,8 +191,11 @@ def _extract(options: TaskOptions, kwargs: Any) -> TraceAttributes:
         return TraceAttributes()
 
 
+_NO_ATTRIBUTES = TraceAttributes()
+
+
 def _propagate(attributes: TraceAttributes) -> Any:
-    if attributes == TraceAttributes():
+    if attributes == _NO_ATTRIBUTES:
         return None
     metadata = {k: v if isinstance(v, str) else str(v) for k, v in attributes.metadata.items()}
     return propagate_attributes(
