@@ -2,7 +2,8 @@
 
 * **Overhead per task** of ``instrument()``: a trivial task run with ``Task.apply()`` (Celery's
   real tracer, which sends ``task_prerun`` / ``task_postrun``) with the handlers connected
-  and the runtime started, against the same task with the handlers disconnected. Blocks of
+  as in a worker's pool child (the eager handlers off, as ``worker_init`` leaves them) and
+  the runtime started, against the same task with the handlers disconnected. Blocks of
   the two alternate, so drift (CPU frequency, other processes) hits both alike. Nothing is
   shipped (``ship=False``): the shipper's cost is the worker main process's, measured by the
   throughput runs.
