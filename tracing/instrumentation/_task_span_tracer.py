@@ -127,12 +127,21 @@ class TaskSpanTracer:
             span.name, 0, parent.span_id.to_bytes(8, "big") if parent else None,
             parent_flags(parent is not None and parent.is_remote), span.start_time,
             span.end_time, code, message, attributes,
-            tuple((e.name, e.timestamp, dict(e.attributes or {}), 0) for e in span.events),
-            tuple((link.context.trace_id.to_bytes(16, "big"),
-                   link.context.span_id.to_bytes(8, "big"), dict(link.attributes or {}), 0,
-                   parent_flags(link.context.is_remote)) for link in span.links),
-            _trace_state_text(span.context), dropped, span.dropped_events, 0, *self.blobs,
+            _events(span.events) if span.events else (),
+            _links(span.links) if span.links else (),
+            _trace_state_text(span.context) if span.context.trace_state else None, dropped,
+            span.dropped_events, 0, *self.blobs,
         )
+
+
+def _events(events: list[Event]) -> tuple[Any, ...]:
+    return tuple((e.name, e.timestamp, dict(e.attributes or {}), 0) for e in events)
+
+
+def _links(links: list[Link]) -> tuple[Any, ...]:
+    return tuple((link.context.trace_id.to_bytes(16, "big"),
+                  link.context.span_id.to_bytes(8, "big"), dict(link.attributes or {}), 0,
+                  parent_flags(link.context.is_remote)) for link in links)
 
 
 def _trace_state_text(context: SpanContext) -> str | None:

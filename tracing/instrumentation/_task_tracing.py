@@ -29,7 +29,6 @@ Every handler catches and logs its own errors: tracing never breaks a task.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -90,7 +89,7 @@ _cut_short: dict[str, _Active] = {}  # bodies interrupted before a final state (
 # Attempts ended here lately, by task id: Celery stores the result *after* task_postrun, so a
 # result-store failure (task_internal_error) arrives for an attempt that is already ended.
 # Only the span's ids are kept: a span object holds every attribute (input, output).
-_ended: collections.OrderedDict[str, tuple[str, SpanContext]] = collections.OrderedDict()
+_ended: dict[str, tuple[str, SpanContext]] = {}  # oldest first
 
 
 # -- task start -------------------------------------------------------------------------------
@@ -392,8 +391,8 @@ def _report_drops(runtime: Any) -> None:
 
 def _remember_ended(task_id: str, state: str, span: Any) -> None:
     _ended[task_id] = (state, span.get_span_context())
-    while len(_ended) > 1000:
-        _ended.popitem(last=False)
+    if len(_ended) > 1000:
+        del _ended[next(iter(_ended))]
 
 
 def _outcome_for_state(state: str, retval: Any) -> Outcome:
