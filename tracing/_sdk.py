@@ -39,7 +39,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from opentelemetry.baggage import _BAGGAGE_KEY
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 SUPPORTED_RANGE = ">=5.0,<6"
 TRACER_NAME = "langfuse-sdk"
@@ -242,8 +245,4 @@ def context_with(span: Any, baggage: dict[str, object], **values: Any) -> Any:
     """A fresh OpenTelemetry context where ``span`` is current, ``baggage`` is the whole
     baggage and each of ``values`` (context keys) is set: what ``set_span_in_context``,
     ``baggage.set_baggage`` and ``context.set_value`` make one copy at a time."""
-    from opentelemetry.baggage import _BAGGAGE_KEY
-    from opentelemetry.context import Context
-    from opentelemetry.trace.propagation import _SPAN_KEY
-
     return Context({_SPAN_KEY: span, _BAGGAGE_KEY: baggage, **values})

@@ -156,9 +156,19 @@ def end_attributes(
 
 def metadata_attributes(metadata: Mapping[str, Any]) -> dict[str, str]:
     """Metadata as the v5 SDK writes it: one attribute per key, every value JSON-encoded."""
-    prefix = _NAMES.OBSERVATION_METADATA
-    return {f"{prefix}.{key}": json_text(value)
+    names = _metadata_names
+    return {names.get(key) or _metadata_name(key): json_text(value)
             for key, value in metadata.items() if value is not None}
+
+
+_metadata_names: dict[str, str] = {}  # metadata key -> its attribute name (keys are few)
+
+
+def _metadata_name(key: str) -> str:
+    name = f"{_NAMES.OBSERVATION_METADATA}.{key}"
+    if len(_metadata_names) < 4096:
+        _metadata_names[key] = name
+    return name
 
 
 def json_text(value: Any) -> str:
