@@ -23,6 +23,7 @@ unless the caller passes another), so liveness is one seam.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -238,6 +239,33 @@ class SpoolReader:
             result, cut_by_window = self._scan_window(path, start, size)
         except FileNotFoundError:
             return []
+        return self._take(path, segment, result, cut_by_window)
+
+    def offer(self, path: Path, segment: SegmentId, start: int, result: ScanResult) -> bool:
+        """Take another reader's scan of ``path`` from ``start`` (the attempt index reads
+        every segment to its end each cycle), from where this reader's reading stopped, if
+        it is no larger than one window: those records are then not read and checksummed a
+        second time. True if anything was taken."""
+        if result.end - start > self.batch_max_bytes + WINDOW_SLACK:
+            return False  # a backlog: read in windows, as the batches need them
+        here = max(self.cursor(path), self._scanned.get(path, 0))
+        if result.end <= here or start > here:
+            return False
+        if start < here:  # read partly already: the rest, if ``here`` starts a record
+            if not any(r.offset == here for r in result.records) and not any(
+                    first == here for first, _ in result.corrupt):
+                return False
+            result = ScanResult([r for r in result.records if r.offset >= here],
+                                [c for c in result.corrupt if c[0] >= here],
+                                result.end, result.torn_tail)
+        with contextlib.suppress(FileNotFoundError):  # gone: its torn tail cannot be cut
+            self._take(path, segment, result, False)
+        return True
+
+    def _take(self, path: Path, segment: SegmentId, result: ScanResult,
+              cut_by_window: bool) -> list[Item]:
+        """Items of a scan of ``path``, kept ahead; dropped-span reports counted, corrupt
+        ranges set aside, a dead writer's torn tail cut."""
         items = [Item(path, r.end, r.payload if r.kind in _SHIPPED else None, r.kind)
                  for r in result.records]
         for record in result.records:
@@ -246,7 +274,8 @@ class SpoolReader:
         for first, last in result.corrupt:
             self._set_aside_corrupt(path, first, last)
             items.append(Item(path, last))
-        items.sort(key=lambda item: item.end)
+        if result.corrupt:
+            items.sort(key=lambda item: item.end)
         if result.torn_tail and not cut_by_window and not self.alive(segment):
             items.append(self._cut_torn_tail(path, result.end))
         if items:

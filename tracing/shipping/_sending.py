@@ -29,7 +29,7 @@ from tracing.shipping._score_sending import ScoreSender, back_off, is_score
 from tracing.shipping._status import ShipperStats
 from tracing.shipping._transport import Transport
 from tracing.spool import write_dead_letter
-from tracing.spool._spanrecord import otlp_request
+from tracing.spool._spanrecord import otlp_batch, otlp_span
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -69,14 +69,14 @@ class BatchSender:
         """Send ``items``; True if all became done, False if shipping must wait."""
         if any(is_score(item) for item in items):
             return self._deliver_with_scores(items, deadline)
-        spans, bodies = self._encode(items)
+        spans, body = self._encode(items)
         if not spans:
             self.reader.commit(items)
             return True
         ids = [item.payload[:8] for item in spans if item.payload is not None]
         self.stats.resent_spans += sum(1 for span_id in ids if span_id in self._unsure)
         started = self.clock()
-        result = self.transport.send(b"".join(bodies), self._timeout(deadline))
+        result = self.transport.send(body, self._timeout(deadline))
         self.stats.requests += 1
         self.stats.last_status = result.status
         rule = verdict(result, len(spans))
@@ -130,20 +130,21 @@ class BatchSender:
                 return False
         return ok
 
-    def _encode(self, items: list[Item]) -> tuple[list[Item], list[bytes]]:
-        """The span items and their OTLP bodies; an undecodable record is set aside."""
-        spans, bodies = [], []
+    def _encode(self, items: list[Item]) -> tuple[list[Item], bytes]:
+        """The span items and their OTLP request (each resource and scope encoded once); an
+        undecodable record is set aside."""
+        spans, parts = [], []
         for item in items:
             if item.payload is None:
                 continue
             try:
-                bodies.append(otlp_request(item.payload))
+                parts.append(otlp_span(item.payload))
             except ValueError as exc:
                 self._set_aside(item.payload, f"{exc} (in {item.path.name})")
                 item.payload = None  # done with the batch, never sent
                 continue
             spans.append(item)
-        return spans, bodies
+        return spans, otlp_batch(parts)
 
     def _timeout(self, deadline: float | None) -> float:
         left = None if deadline is None else deadline - self.clock()

@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from tracing._config import Config
@@ -48,7 +49,7 @@ from tracing.shipping._reader import SpoolReader, count_pending, delete_finished
 from tracing.shipping._sending import BatchSender
 from tracing.shipping._status import STATUS_FILE, ShipperStats, reserve_status, write_status
 from tracing.shipping._transport import HttpTransport, Transport
-from tracing.spool import SegmentId, ShipperLock, writer_alive
+from tracing.spool import ScanResult, SegmentId, ShipperLock, writer_alive
 from tracing.spool._attempts import AttemptCloser, AttemptIndex
 from tracing.spool._drops import read_ledger, totals_by_cause
 from tracing.spool._exporter import SpoolExporter
@@ -68,6 +69,7 @@ class ShipperCore:
         poll_interval: float = 0.2, batch_max_spans: int = 1000,
         batch_max_bytes: int = 3 * 1024 * 1024, orphan_grace: float = 5.0,
         alive: Callable[[SegmentId], bool] = writer_alive, status_interval: float = 1.0,
+        linger: float = 1.0,
     ) -> None:
         self.config = config
         self.spool_dir = config.spool_dir
@@ -75,11 +77,17 @@ class ShipperCore:
         self.transport: Transport = transport or HttpTransport(config)
         self.stats = ShipperStats()
         self.poll_interval = poll_interval
+        # After a partial batch (caught up), spans gather this long before the next request,
+        # unless woken: at a steady trickle a request then carries ``linger`` seconds of spans
+        # (like the SDK's own 1 s flush interval), not ``poll_interval``'s handful.
+        self.linger = linger
         self.orphan_grace = orphan_grace
-        self.index = AttemptIndex(self.spool_dir, alive)
-        self.closer = AttemptCloser(self.index, lambda frame: exporter.write(frame, 1))
         self.reader = SpoolReader(self.spool_dir, self.stats, batch_max_spans=batch_max_spans,
                                   batch_max_bytes=batch_max_bytes, alive=alive)
+        # One read of each new record per cycle: the index's scans feed the batch reader.
+        self.index = AttemptIndex(self.spool_dir, alive, on_scan=self._offer)
+        self._cycling: int | None = None  # the thread in ``cycle`` (the reader is not shared)
+        self.closer = AttemptCloser(self.index, lambda frame: exporter.write(frame, 1))
         self.sender = BatchSender(config, self.transport, self.reader, self.stats)
         self._lock = ShipperLock(self.spool_dir)
         self._has_lock = False
@@ -179,8 +187,18 @@ class ShipperCore:
         finally:
             self._write_status()
 
+    def _offer(self, path: Path, segment: SegmentId, start: int, result: ScanResult) -> None:
+        """The index's scan, to the batch reader, when the index reads in this cycle's thread
+        (``close_attempt`` may refresh it from another)."""
+        if self._cycling == threading.get_ident():
+            self.reader.offer(path, segment, start, result)
+
     def _cycle(self, deadline: float | None) -> bool:
-        self.index.refresh()
+        self._cycling = threading.get_ident()
+        try:
+            self.index.refresh()
+        finally:
+            self._cycling = None
         closed = self.closer.close_orphans(self.orphan_grace)
         enforce_cap(self.reader, self.config.spool_max_bytes)
         try:
@@ -310,9 +328,9 @@ class Shipper(ShipperCore):
         if progressed and (self._batch_was_full or self._stopping.is_set()):
             return 0.0
         if progressed:
-            # A partial batch means we caught up: let spans gather for one poll interval
-            # rather than sending a request per handful of spans (fewer, larger requests).
-            return self.poll_interval
+            # A partial batch means we caught up: let spans gather (``linger``) rather than
+            # send a request per handful of spans (fewer, larger requests).
+            return self.linger
         if not self._has_lock:
             return 2.0
         wait = self.sender.backoff.not_before - time.monotonic()

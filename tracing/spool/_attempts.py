@@ -56,6 +56,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from tracing.spool import (
     KIND_OPEN,
     KIND_SPAN,
+    ScanResult,
     SegmentId,
     encode_frame,
     list_segments,
@@ -102,16 +103,35 @@ class OpenAttempt:
         try:
             (task_id, name, trace_id, span_id, parent, start_ns, attributes, resource,
              scope) = marshal.loads(payload[1:])
-            resource_attributes = marshal.loads(resource)[0]
-            scope_name, scope_version, _schema, scope_attributes = (
-                marshal.loads(scope) if scope else ("langfuse-sdk", "", None, {}))
+            resource_attributes, scope_name, scope_version, scope_attributes = _origin(
+                resource, scope)
         except (EOFError, ValueError, TypeError, IndexError) as exc:
             raise ValueError(f"undecodable open-attempt record: {exc}") from exc
         return cls(task_id=task_id, name=name, trace_id=trace_id, span_id=span_id,
                    parent_span_id=parent, start_ns=start_ns, attributes=_plain(attributes),
-                   resource=_plain(resource_attributes), scope=scope_name,
-                   scope_version=scope_version or "",
-                   scope_attributes=_plain(scope_attributes or {}))
+                   resource=resource_attributes, scope=scope_name, scope_version=scope_version,
+                   scope_attributes=scope_attributes)
+
+
+_Origin = tuple[dict[str, AttributeValue], str, str, dict[str, AttributeValue]]
+_origins: dict[tuple[bytes, bytes], _Origin] = {}
+
+
+def _origin(resource: bytes, scope: bytes) -> _Origin:
+    """Resource attributes, scope name, version and attributes of a compact record's two
+    blobs, decoded once per distinct pair (every record of a process has the same): the
+    dicts are shared, never to be changed."""
+    key = (resource, scope)
+    hit = _origins.get(key)
+    if hit is None:
+        scope_name, scope_version, _schema, scope_attributes = (
+            marshal.loads(scope) if scope else ("langfuse-sdk", "", None, {}))
+        hit = (_plain(marshal.loads(resource)[0]), scope_name, scope_version or "",
+               _plain(scope_attributes or {}))
+        if len(_origins) > 256:
+            _origins.clear()
+        _origins[key] = hit
+    return hit
 
 
 _COMPACT = b"\x02"
@@ -196,10 +216,14 @@ class AttemptIndex:
     """Attempts opened in a spool and not yet closed, read incrementally from the segments."""
 
     def __init__(
-        self, spool_dir: Path, alive: Callable[[SegmentId], bool] = writer_alive
+        self, spool_dir: Path, alive: Callable[[SegmentId], bool] = writer_alive,
+        on_scan: Callable[[Path, SegmentId, int, ScanResult], object] | None = None,
     ) -> None:
         self.spool_dir = spool_dir
         self.alive = alive
+        # Given each scan this index makes (path, segment, start, result), so another reader
+        # of the same bytes (the shipper's batch reader) need not read and checksum them again.
+        self.on_scan = on_scan
         self._read_to: dict[Path, int] = {}
         self._torn_at: dict[Path, int] = {}  # segments ending in an unfinished record
         self._open: dict[str, _Tracked] = {}
@@ -239,6 +263,8 @@ class AttemptIndex:
             result = scan_file(path, start)
         except FileNotFoundError:
             return
+        if self.on_scan is not None:
+            self.on_scan(path, segment, start, result)
         for record in result.records:
             if record.kind == KIND_SPAN:
                 closed.add(record.payload[:8].hex())

@@ -69,8 +69,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracing.spool import KIND_SPAN, encode_frame
 
-__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "otlp_request",
-           "parent_flags", "resource_blob", "scope_blob", "span_record"]
+__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "otlp_batch",
+           "otlp_request", "otlp_span", "parent_flags", "resource_blob", "scope_blob",
+           "span_record"]
 
 BODY_OTLP = 0x0A
 BODY_COMPACT = 0x02
@@ -352,14 +353,58 @@ def otlp_request(payload: bytes) -> bytes:
 
     Raises ``ValueError`` for a body that is neither form (the caller dead-letters it).
     """
+    return otlp_batch([otlp_span(payload)])
+
+
+SpanPart = tuple[bytes | None, bytes | None, bytes]
+
+
+def otlp_span(payload: bytes) -> SpanPart:
+    """A KIND_SPAN payload as a part of a request (:func:`otlp_batch`): its resource and
+    scope blobs and its encoded ``Span`` message, or for a version-1 body ``(None, None,
+    the whole one-span request)``.
+
+    Raises ``ValueError`` for a body that is neither form (the caller dead-letters it).
+    """
     body = payload[_IDS:]
     if not body or body[0] != BODY_COMPACT:
-        return body  # version 1: already OTLP (or something Langfuse will judge)
+        return None, None, body  # version 1: already OTLP (or something Langfuse will judge)
     try:
         fields = marshal.loads(body[1:])
-        resource, resource_schema, scope, scope_schema = _head(fields[15], fields[16])
+        resource, scope = fields[15], fields[16]
+        _head(resource, scope)  # decodable, and cached for the batch
         span = _span(payload[:8], payload[8:_IDS], fields)
     except (EOFError, ValueError, TypeError, IndexError, struct.error) as exc:
         raise ValueError(f"undecodable compact span record: {exc}") from exc
-    scope_spans = scope + _ld(b"\x12", span) + scope_schema
-    return _ld(b"\x0a", resource + _ld(b"\x12", scope_spans) + resource_schema)
+    return resource, scope, span
+
+
+def otlp_batch(parts: Sequence[SpanPart]) -> bytes:
+    """One ``ExportTraceServiceRequest`` of ``parts`` (:func:`otlp_span`): one
+    ``ResourceSpans`` per distinct resource, one ``ScopeSpans`` per distinct scope in it,
+    each encoded once, in the order first seen, holding its spans in their order; version-1
+    requests are appended whole (protobuf concatenation appends their ``ResourceSpans``)."""
+    groups: dict[bytes, dict[bytes, list[bytes]]] = {}
+    whole: list[bytes] = []
+    for resource, scope, data in parts:
+        if resource is None or scope is None:
+            whole.append(data)
+            continue
+        scopes = groups.get(resource)
+        if scopes is None:
+            scopes = groups[resource] = {}
+        spans = scopes.get(scope)
+        if spans is None:
+            spans = scopes[scope] = []
+        spans.append(data)
+    out = []
+    for resource, scopes in groups.items():
+        inner = []
+        resource_field, resource_schema = _head(resource, next(iter(scopes)))[:2]
+        for scope, spans in scopes.items():
+            scope_field, scope_schema = _head(resource, scope)[2:]
+            inner.append(_ld(b"\x12", scope_field
+                             + b"".join([_ld(b"\x12", span) for span in spans])
+                             + scope_schema))
+        out.append(_ld(b"\x0a", resource_field + b"".join(inner) + resource_schema))
+    return b"".join(out) + b"".join(whole)
