@@ -382,3 +382,28 @@ def test_a_timed_out_batch_is_resent_alone_before_anything_new(receiver, spool, 
     copies = receiver.observations_by_id()
     assert max(len(c) for c in copies.values()) == 2 and len(copies) == 20
     assert shipper.stats.resent_spans == 10
+
+
+def test_the_index_scan_feeds_the_batch_reader_once_per_record(tmp_path: Path):
+    """The attempt index's scans (offered to the batch reader) are taken from where the reader
+    stopped: every record becomes exactly one batch item, none is skipped or repeated."""
+    from tracing.shipping._reader import SpoolReader
+    from tracing.shipping._status import ShipperStats
+
+    writer = SegmentWriter(tmp_path)
+    frames = [encode_frame(KIND_SPAN, span_payload(bytes([i]) * 8, bytes(16), b"\x0a\x00"))
+              for i in range(1, 4)]
+    for frame in frames:
+        writer.append(frame)
+    [(path, segment)] = list_segments(tmp_path)
+    reader = SpoolReader(tmp_path, ShipperStats())
+    whole = scan_file(path, 0)
+    two = len(frames[0]) + len(frames[1])
+    assert reader.offer(path, segment, 0, scan_file(path, 0, two))
+    assert not reader.offer(path, segment, two + 1, whole)  # starts past the reader
+    assert not reader.offer(path, segment, 0, scan_file(path, 0, len(frames[0]) + 5))
+    assert reader.offer(path, segment, 0, whole)  # overlaps: only the third record is new
+    items, full = reader.next_batch()
+    assert [item.payload[:1] for item in items if item.payload] == [b"\x01", b"\x02", b"\x03"]
+    assert [item.end for item in items] == [r.end for r in whole.records] and not full
+    writer.close()

@@ -19,7 +19,9 @@ from tracing.spool._spanrecord import (
     BODY_OTLP,
     compact_span_record,
     encode_record,
+    otlp_batch,
     otlp_request,
+    otlp_span,
 )
 
 TRACE, SPAN, PARENT = 0xABCDEF0123456789ABCDEF0123456789, 0x1122334455667788, 0x99AA
@@ -108,6 +110,28 @@ def test_concatenated_requests_parse_as_one_batch():
     merged = ExportTraceServiceRequest.FromString(b"".join(bodies))
     spans = [s for rs in merged.resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert len(spans) == len(CASES) + 1
+
+
+def test_a_batch_is_opentelemetrys_own_request_for_those_spans():
+    """A batch of compact records encodes each resource and scope once, grouping the spans
+    under them exactly as OpenTelemetry's encoder does for the same spans."""
+    sdk_spans = [CASES["task"], CASES["schema urls"], CASES["root"],
+                 CASES["no scope, no attributes"], CASES["error"], CASES["schema urls"]]
+    ours = otlp_batch([otlp_span(encode_record(s)) for s in sdk_spans])
+    assert ExportTraceServiceRequest.FromString(ours) == encode_spans(sdk_spans)
+    assert len(ours) < len(b"".join(otlp_request(encode_record(s)) for s in sdk_spans))
+
+
+def test_a_batch_appends_old_records_whole():
+    """Version-1 records in a batch are appended as their own requests, beside the grouped
+    compact ones: every span is in the one request."""
+    old = encode_spans([CASES["task"]]).SerializeToString()
+    payloads = [encode_record(CASES["root"]), SPAN.to_bytes(8, "big") + TRACE.to_bytes(
+        16, "big") + old, encode_record(CASES["error"])]
+    merged = ExportTraceServiceRequest.FromString(otlp_batch([otlp_span(p) for p in payloads]))
+    expected = encode_spans([CASES["root"], CASES["error"]])
+    expected.MergeFromString(old)
+    assert merged == expected
 
 
 def test_an_undecodable_compact_body_raises_value_error():
