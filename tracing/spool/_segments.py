@@ -178,14 +178,16 @@ def parse_segment_name(name: str, directory: StrPath | None = None) -> SegmentId
     ``directory`` (the spool the file is in) is what ``writer_alive`` needs to find the
     writer's lock file; ``list_segments`` always passes it.
     """
-    where = Path(directory) if directory is not None else None
     m = _SEGMENT_RE.fullmatch(name)
+    legacy = _LEGACY_SEGMENT_RE.fullmatch(name) if m is None else None
+    if m is None and legacy is None:
+        return None
+    where = (directory if isinstance(directory, Path) or directory is None
+             else Path(directory))
     if m is not None:
         return SegmentId(int(m.group(2)), 0, int(m.group(3)), m.group(1), where)
-    m = _LEGACY_SEGMENT_RE.fullmatch(name)
-    if m is None:
-        return None
-    return SegmentId(int(m.group(1)), int(m.group(2)), int(m.group(3)), "", where)
+    assert legacy is not None
+    return SegmentId(int(legacy.group(1)), int(legacy.group(2)), int(legacy.group(3)), "", where)
 
 
 def _parse_proc_stat(raw: bytes) -> tuple[str, int] | None:
@@ -391,8 +393,11 @@ def list_segments(spool_dir: StrPath) -> list[tuple[Path, SegmentId]]:
         entries = list(os.scandir(spool_dir))
     except FileNotFoundError:
         return []
+    directory = Path(spool_dir)  # made once, not once per entry
     for entry in entries:
-        seg = parse_segment_name(entry.name, spool_dir)
+        if not entry.name.endswith(SEGMENT_SUFFIX):
+            continue  # cursors, locks, the status file: most of the entries
+        seg = parse_segment_name(entry.name, directory)
         if seg is None:
             continue
         try:
