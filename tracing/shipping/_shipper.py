@@ -10,10 +10,13 @@ takes them off it. One shipper runs per spool, kept alone by an exclusive ``floc
    the oldest records are skipped, counted and logged.
 3. **Reads a batch** (``_reader``): every segment on the spool — live writers, recycled pool
    children, a SIGKILLed worker, a previous run — from its cursor, in windows; corrupt
-   records set aside, the torn tail of a dead writer cut.
-4. **Sends it** (``_sending.BatchSender`` over ``_transport``) and applies the rules
-   (``_delivery``, pure functions: done / split / reject / pause / back off / unknown). A
-   batch whose outcome is unknown (a timeout) is resent alone before anything new.
+   records set aside, the torn tail of a dead writer cut. What the attempt index read in
+   step 1 (every segment to its end) is handed to the reader (``SpoolReader.offer``), so at
+   a steady trickle each new record is read and checksummed once, not twice.
+4. **Sends it** (``_sending.BatchSender`` over ``_transport``; one request, each resource
+   and scope encoded once) and applies the rules (``_delivery``, pure functions: done /
+   split / reject / pause / back off / unknown). A batch whose outcome is unknown (a
+   timeout) is resent alone before anything new.
 5. **Cleans up**: the shipped prefix of every segment is punched out of the disk as soon as
    its cursor is written (``_reader.SpoolReader.free_space``); finished, fully shipped
    segments are removed.
@@ -22,6 +25,11 @@ Every span that never reaches Langfuse is counted in the status by cause (``_sta
 dropped by writers (their ``KIND_DROPPED`` records and the spool's drop ledger, which a full
 disk cannot stop), at the cap, or unreadable (corrupt bytes, torn tails); while that total
 grows, one log line every ``DROP_LOG_INTERVAL`` seconds gives it.
+
+A full batch is followed at once by the next; after a partial one (caught up) spans gather
+for ``linger`` seconds (1 s, like the SDK's flush interval) unless something wakes the
+shipper (a flush, a closed attempt, stop), so a steady trickle costs one request a second,
+not one per poll. With nothing to send it looks again every ``poll_interval``.
 
 6. **Drains the hand-off stream** (``_handoff``): one batch of what stopped workers of the
    deployment left in its Redis, under the same rules, after each pass.

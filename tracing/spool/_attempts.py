@@ -65,7 +65,7 @@ from tracing.spool import (
 )
 from tracing.spool._drops import read_ledger
 from tracing.spool._space import PAGE
-from tracing.spool._spanrecord import resource_blob, scope_blob
+from tracing.spool._spanrecord import origin_of, resource_blob, scope_blob
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -100,54 +100,18 @@ class OpenAttempt:
         """Either form (see the module docstring); ValueError/TypeError if neither."""
         if payload[:1] != _COMPACT:
             return cls(**json.loads(payload))
-        return cls.from_fields(compact_fields(payload))
-
-    @classmethod
-    def from_fields(cls, fields: tuple[Any, ...]) -> OpenAttempt:
-        """The attempt of a compact record's fields (checked by :func:`compact_fields`)."""
-        (task_id, name, trace_id, span_id, parent, start_ns, attributes, resource,
-         scope) = fields
-        resource_attributes, scope_name, scope_version, scope_attributes = _origin(
-            resource, scope)
+        try:
+            (task_id, name, trace_id, span_id, parent, start_ns, attributes, resource,
+             scope) = marshal.loads(payload[1:])
+            resource_attributes, scope_name, scope_version, scope_attributes = origin_of(
+                resource, scope)  # decoded once per distinct pair: shared, never changed
+        except (EOFError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"undecodable open-attempt record: {exc}") from exc
         return cls(task_id=task_id, name=name, trace_id=trace_id, span_id=span_id,
                    parent_span_id=parent, start_ns=start_ns, attributes=_plain(attributes),
-                   resource=resource_attributes, scope=scope_name, scope_version=scope_version,
-                   scope_attributes=scope_attributes)
-
-
-def compact_fields(payload: bytes) -> tuple[Any, ...]:
-    """The field tuple of a compact ``KIND_OPEN`` payload, its parts checked (resource and
-    scope decoded, cached); ValueError if it is not one."""
-    try:
-        fields = marshal.loads(payload[1:])
-        if (not isinstance(fields, tuple) or len(fields) != 9 or not isinstance(fields[0], str)
-                or not isinstance(fields[3], str) or not isinstance(fields[6], dict)):
-            raise ValueError("not the 9 fields of an open attempt")
-        _origin(fields[7], fields[8])
-    except (EOFError, ValueError, TypeError, IndexError) as exc:
-        raise ValueError(f"undecodable open-attempt record: {exc}") from exc
-    return fields
-
-
-_Origin = tuple[dict[str, AttributeValue], str, str, dict[str, AttributeValue]]
-_origins: dict[tuple[bytes, bytes], _Origin] = {}
-
-
-def _origin(resource: bytes, scope: bytes) -> _Origin:
-    """Resource attributes, scope name, version and attributes of a compact record's two
-    blobs, decoded once per distinct pair (every record of a process has the same): the
-    dicts are shared, never to be changed."""
-    key = (resource, scope)
-    hit = _origins.get(key)
-    if hit is None:
-        scope_name, scope_version, _schema, scope_attributes = (
-            marshal.loads(scope) if scope else ("langfuse-sdk", "", None, {}))
-        hit = (_plain(marshal.loads(resource)[0]), scope_name, scope_version or "",
-               _plain(scope_attributes or {}))
-        if len(_origins) > 256:
-            _origins.clear()
-        _origins[key] = hit
-    return hit
+                   resource=resource_attributes,
+                   scope="langfuse-sdk" if scope_name is None else scope_name,
+                   scope_version=scope_version, scope_attributes=scope_attributes)
 
 
 _COMPACT = b"\x02"
@@ -219,50 +183,23 @@ def closing_span(
     )
 
 
+@dataclass
 class _Tracked:
-    """An open attempt as read: its keys at once, the whole :class:`OpenAttempt` when first
-    asked for (most attempts are closed by their span in the same read, and never are)."""
-
-    __slots__ = ("_attempt", "_fields", "offset", "retries", "segment", "span_id",
-                 "start_ns", "task_id", "unreadable", "writer")
-
-    def __init__(self, payload: bytes, segment: Path, writer: SegmentId, offset: int) -> None:
-        self.segment, self.writer = segment, writer
-        self.offset = offset  # where its KIND_OPEN record starts in ``segment``
-        self.unreadable = False  # corrupt bytes followed it in its segment
-        self._attempt: OpenAttempt | None = None
-        self._fields: tuple[Any, ...] | None = None
-        if payload[:1] == _COMPACT:
-            fields = self._fields = compact_fields(payload)
-            self.task_id, self.span_id, self.start_ns = fields[0], fields[3], fields[5]
-            attributes = fields[6]
-        else:
-            attempt = self._attempt = OpenAttempt.from_payload(payload)
-            self.task_id, self.span_id = attempt.task_id, attempt.span_id
-            self.start_ns, attributes = attempt.start_ns, attempt.attributes
-        self.retries = str(attributes.get(RETRIES, "0"))
-
-    @property
-    def attempt(self) -> OpenAttempt:
-        if self._attempt is None:
-            assert self._fields is not None
-            self._attempt = OpenAttempt.from_fields(self._fields)
-            self._fields = None
-        return self._attempt
+    attempt: OpenAttempt
+    segment: Path
+    writer: SegmentId
+    offset: int = 0  # where its KIND_OPEN record starts in ``segment``
+    unreadable: bool = False  # corrupt bytes followed it in its segment
 
 
 class AttemptIndex:
     """Attempts opened in a spool and not yet closed, read incrementally from the segments."""
 
-    def __init__(
-        self, spool_dir: Path, alive: Callable[[SegmentId], bool] = writer_alive,
-        on_scan: Callable[[Path, SegmentId, int, ScanResult], object] | None = None,
-    ) -> None:
-        self.spool_dir = spool_dir
-        self.alive = alive
-        # Given each scan this index makes (path, segment, start, result), so another reader
-        # of the same bytes (the shipper's batch reader) need not read and checksum them again.
-        self.on_scan = on_scan
+    def __init__(self, spool_dir: Path, alive: Callable[[SegmentId], bool] = writer_alive,
+                 on_scan: Callable[[Path, SegmentId, int, ScanResult], object] | None = None,
+                 ) -> None:
+        self.spool_dir, self.alive = spool_dir, alive
+        self.on_scan = on_scan  # given each scan (path, segment, start, result): one read
         self._read_to: dict[Path, int] = {}
         self._torn_at: dict[Path, int] = {}  # segments ending in an unfinished record
         self._open: dict[str, _Tracked] = {}
@@ -289,8 +226,8 @@ class AttemptIndex:
                 del self._read_to[gone]
                 self._torn_at.pop(gone, None)
             for tracked in opened:
-                self._open[tracked.span_id] = tracked
-                self._count_started(tracked)
+                self._open[tracked.attempt.span_id] = tracked
+                self._count_started(tracked.attempt)
             for span_id in closed:
                 self._forget_open(span_id)
 
@@ -309,11 +246,11 @@ class AttemptIndex:
                 closed.add(record.payload[:8].hex())
             elif record.kind == KIND_OPEN:
                 try:
-                    tracked = _Tracked(record.payload, path, segment, record.offset)
-                except (ValueError, TypeError, AttributeError):
+                    attempt = OpenAttempt.from_payload(record.payload)
+                except (ValueError, TypeError):
                     logger.warning("celery-langfuse: unreadable open-attempt record in %s", path)
                     continue
-                opened.append(tracked)
+                opened.append(_Tracked(attempt, path, segment, record.offset))
         for first, last in result.corrupt:
             here = [t for t in [*opened, *self._open.values()] if t.segment == path]
             if _punched(path, first, last):
@@ -321,7 +258,7 @@ class AttemptIndex:
                 # before it closed (it never punches past an open one): closed, not open.
                 for tracked in here:
                     if tracked.offset < last:
-                        closed.add(tracked.span_id)
+                        closed.add(tracked.attempt.span_id)
                 continue
             # A span written after its attempt opened may be in those bytes: say so when the
             # attempt is closed, rather than blaming its process.
@@ -369,8 +306,8 @@ class AttemptIndex:
             except FileNotFoundError:
                 return True
 
-    def _count_started(self, tracked: _Tracked) -> None:
-        key = (tracked.task_id, tracked.retries)
+    def _count_started(self, attempt: OpenAttempt) -> None:
+        key = (attempt.task_id, str(attempt.attributes.get(RETRIES, "0")))
         self._started[key] = self._started.pop(key, 0) + 1
         while len(self._started) > 10_000:
             self._started.popitem(last=False)
@@ -386,7 +323,8 @@ class AttemptIndex:
         """The newest open attempt of ``task_id`` that started after ``started_after`` (ns)."""
         with self._lock:
             found = [tracked.attempt for tracked in self._open.values()
-                     if tracked.task_id == task_id and tracked.start_ns > started_after]
+                     if tracked.attempt.task_id == task_id
+                     and tracked.attempt.start_ns > started_after]
         return max(found, key=lambda attempt: attempt.start_ns) if found else None
 
     def mark_closed(self, span_id: str) -> None:
@@ -402,7 +340,7 @@ class AttemptIndex:
     def _forget_open(self, span_id: str) -> None:
         tracked = self._open.pop(span_id, None)
         if tracked is not None:
-            self._closed[tracked.task_id] = None
+            self._closed[tracked.attempt.task_id] = None
             while len(self._closed) > 10_000:
                 self._closed.popitem(last=False)
 

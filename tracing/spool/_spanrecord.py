@@ -69,9 +69,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracing.spool import KIND_SPAN, encode_frame
 
-__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "otlp_batch",
-           "otlp_request", "otlp_span", "parent_flags", "resource_blob", "scope_blob",
-           "span_record"]
+__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "origin_of",
+           "otlp_batch", "otlp_request", "otlp_span", "parent_flags", "resource_blob",
+           "scope_blob", "span_record"]
 
 BODY_OTLP = 0x0A
 BODY_COMPACT = 0x02
@@ -123,6 +123,31 @@ def resource_blob(resource: Any) -> bytes:
 def scope_blob(scope: Any) -> bytes:
     """Field 16 of a compact record for ``scope`` (cached by identity; b"" for none)."""
     return _scopes.get(scope, _scope_blob)
+
+
+_Origin = tuple[dict[str, Any], str | None, str, dict[str, Any]]
+_origins: dict[tuple[bytes, bytes], _Origin] = {}
+
+
+def origin_of(resource: bytes, scope: bytes) -> _Origin:
+    """(resource attributes, scope name, scope version, scope attributes) of a resource and
+    a scope blob (name None for no scope; sequences as lists, as JSON would give them),
+    decoded once per distinct pair (a process writes one): shared, never to be changed."""
+    key = (resource, scope)
+    hit = _origins.get(key)
+    if hit is None:
+        name, version, _schema, attributes = marshal.loads(scope) if scope else (
+            None, "", None, {})
+        hit = (_as_lists(marshal.loads(resource)[0]), name, version or "",
+               _as_lists(attributes or {}))
+        if len(_origins) > 256:
+            _origins.clear()
+        _origins[key] = hit
+    return hit
+
+
+def _as_lists(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()}
 
 
 def _flags(parent: Any) -> int:
