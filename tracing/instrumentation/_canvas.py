@@ -137,11 +137,12 @@ def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
             tasks = _members(self)
             if not tasks:
                 return original(self, *args, **options)
-            group_id = options.get("task_id") or self.options.get("task_id") or str(uuid4())
+            own = _options(self)
+            group_id = options.get("task_id") or own.get("task_id") or str(uuid4())
             options["task_id"] = group_id
             callback = _chord_body(group_id, tasks)
             kind = "chord" if callback is not None else "group"
-            root_id = options.get("root_id") or self.options.get("root_id")
+            root_id = options.get("root_id") or own.get("root_id")
         except Exception:
             logger.exception("celery-langfuse: could not read the canvas; sent as it is")
             return original(self, *args, **options)
@@ -156,8 +157,9 @@ def _chord_run_call(original: Callable[..., Any]) -> Callable[..., Any]:
     (a lazy header's members are frozen with the body only as they are sent)."""
     def call(self: Any, header: Any, body: Any, *args: Any, **options: Any) -> Any:
         try:
-            group_id = header.options.get("task_id") or str(uuid4())
-            header.options["task_id"] = group_id  # what run() would pick, known before
+            own = _options(header)
+            group_id = own.get("task_id") or str(uuid4())
+            own["task_id"] = group_id  # what run() would pick, known before
         except Exception:
             return original(self, header, body, *args, **options)
         token = _bodies.set((group_id, body))
@@ -173,8 +175,15 @@ def _chord_body(group_id: str, tasks: list[Any]) -> Any:
     pending = _bodies.get()
     if pending is not None and pending[0] == group_id:
         return pending[1]
-    first = tasks[0]
-    return first.options.get("chord") if hasattr(first, "options") else None
+    options = _options(tasks[0], None)
+    return options.get("chord") if options else None
+
+
+def _options(sig: Any, *default: Any) -> Any:
+    """``sig.options``, read through the dict a Signature is (its ``options`` property is a
+    Python call, and canvas sends read options often); ``default`` if it has none."""
+    options = sig.get("options") if isinstance(sig, dict) else None
+    return options if options is not None else getattr(sig, "options", *default)
 
 
 def _eager_chord_call(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -226,6 +235,8 @@ def _eager_chain_call(original: Callable[..., Any]) -> Callable[..., Any]:
 
 def _members(canvas: Any) -> list[Any]:
     tasks = getattr(canvas, "tasks", canvas)
+    if type(tasks) is list or type(tasks) is tuple:
+        return list(tasks)
     return list(tasks) if isinstance(tasks, Iterable) else []
 
 
@@ -258,7 +269,11 @@ def publish(
     finally:
         otel_context.detach(otel_token)
         _active.reset(token)
-        _safely(_write, config, node, result, error)
+        try:
+            _write(config, node, result, error)
+        except Exception:
+            logger.exception("celery-langfuse: writing the root of canvas %s failed; the "
+                             "canvas is sent unaffected", group_id)
 
 
 def _place(
@@ -269,12 +284,11 @@ def _place(
     it needs none (the same canvas again, a sender's observation, no keys)."""
     active = _active.get()
     current = otel_trace.get_current_span().get_span_context()
-    inside_active = active is not None and current == active.context
-    if inside_active and active is not None and (
-            active.group_id == group_id or active.absorb_header):
-        active.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
+    parent = active if active is not None and current == active.context else None
+    if parent is not None and (parent.group_id == group_id or parent.absorb_header):
+        parent.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
         return None
-    if current.is_valid and not inside_active:
+    if parent is None and current.is_valid:
         pin_parent(callback, current)  # no extra root: under the sender's observation
         return None
     config = _producer.current_config()
@@ -283,42 +297,42 @@ def _place(
     if not config.has_keys:
         _warn_no_keys()
         return None
-    parent = active if inside_active else None
-    tree = group_id if parent else (root_id or group_id)
-    node = Node(kind, group_id, members, callback,
-                parent.trace_id if parent else int(trace_id_for(tree), 16),
-                int(root_observation_id_for(tree), 16),
-                parent.span_id if parent else None, absorb_header)
-    pin_parent(callback, node.context)
+    if parent is None:
+        tree = root_id or group_id
+        trace_hex, span_hex = trace_id_for(tree), root_observation_id_for(tree)
+        trace_id, parent_span = int(trace_hex, 16), None
+    else:
+        trace_id, parent_span = parent.trace_id, parent.span_id
+        trace_hex, span_hex = f"{trace_id:032x}", root_observation_id_for(group_id)
+    node = Node(kind, group_id, members, callback, trace_id, int(span_hex, 16), parent_span,
+                absorb_header)
+    _pin(callback, f"00-{trace_hex}-{span_hex}-01")
     return config, node
 
 
 def pin_parent(callback: Any, parent: SpanContext) -> None:
     """Make ``parent`` the parent of the chord callback ``callback`` when it is published."""
-    if callback is None or not hasattr(callback, "options"):
+    _pin(callback, f"00-{parent.trace_id:032x}-{parent.span_id:016x}-01")
+
+
+def _pin(callback: Any, traceparent: str) -> None:
+    options = _options(callback, None) if callback is not None else None
+    if options is None:
         return
-    headers = dict(callback.options.get("headers") or {})
-    headers[PARENT_HEADER] = f"00-{parent.trace_id:032x}-{parent.span_id:016x}-01"
-    callback.options["headers"] = headers
+    headers = options.get("headers")
+    options["headers"] = ({**headers, PARENT_HEADER: traceparent} if headers
+                          else {PARENT_HEADER: traceparent})
 
 
 def _write(config: Any, node: Node, result: Any, error: BaseException | None) -> None:
     if node.group_id in _written:
         return  # the same frozen canvas sent twice: one root
     _written[node.group_id] = None
-    while len(_written) > 1000:
+    if len(_written) > 1000:
         _written.popitem(last=False)
     if config.sample_rate < 1 and not _producer.sampled(config, f"{node.trace_id:032x}"):
         return
     _producer.write(config, canvas_frame(config, node, result, error))
-
-
-def _safely(fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        logger.exception("celery-langfuse: %s failed; the canvas is sent unaffected",
-                         getattr(fn, "__name__", fn))
 
 
 def _warn_no_keys() -> None:

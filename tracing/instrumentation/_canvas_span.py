@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -46,6 +46,12 @@ _TIMES = "\N{MULTIPLICATION SIGN}"
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _UNSET, _ERROR = 0, 2  # OpenTelemetry status codes
 _INTERNAL = 0  # SpanKind.INTERNAL
+_TYPE, _INPUT, _OUTPUT = (_NAMES.OBSERVATION_TYPE, _NAMES.OBSERVATION_INPUT,
+                          _NAMES.OBSERVATION_OUTPUT)
+_LEVEL, _STATUS_MESSAGE = _NAMES.OBSERVATION_LEVEL, _NAMES.OBSERVATION_STATUS_MESSAGE
+_META_CANVAS = f"{_NAMES.OBSERVATION_METADATA}.canvas"
+_META_GROUP = f"{_NAMES.OBSERVATION_METADATA}.group_id"
+_META_MEMBERS = f"{_NAMES.OBSERVATION_METADATA}.members"
 
 
 def label(sig: Any) -> str:
@@ -108,6 +114,107 @@ def _member(sig: Any, name: str | None = None) -> dict[str, Any]:
     return entry
 
 
+class _Shape(NamedTuple):
+    """What a canvas's record takes from its shape alone (its kind and its members' and
+    callback's task names), made once per shape: canvases sent in a loop repeat theirs."""
+
+    name: str  # the observation name (surrogates replaced)
+    labels: tuple[str, ...]  # each member's label
+    callback: str | None  # the callback's label
+    kind_text: str  # metadata.canvas, as JSON
+    count_text: str  # metadata.members, as JSON
+    plain: bool  # every member (and the callback) a task signature: the direct input path
+
+
+_shapes: dict[tuple[Any, ...], _Shape] = {}
+
+
+def _shape(kind: str, members: list[Any], callback: Any) -> _Shape:
+    """The shape of a canvas; cached only for canvases of task signatures (a canvas inside
+    the canvas is labelled from its contents, which its task name does not say)."""
+    key = (kind, callback.get("task") if isinstance(callback, dict) else (
+        None if callback is None else _NOT_A_TASK),
+           *[m.get("task") if isinstance(m, dict) else _NOT_A_TASK for m in members])
+    try:
+        hit = _shapes.get(key)
+    except TypeError:  # a task name that is not text (and not hashable)
+        return _make_shape(kind, members, callback)
+    if hit is None:
+        hit = _make_shape(kind, members, callback)
+        if hit.plain:  # then the key holds every label
+            if len(_shapes) > 256:
+                _shapes.clear()
+            _shapes[key] = hit
+    return hit
+
+
+_NOT_A_TASK = object()
+
+
+def _is_task(sig: Any) -> bool:
+    """A task signature (a Signature is a dict), not a canvas or anything else."""
+    task = sig.get("task") if isinstance(sig, dict) else None
+    return type(task) is str and not task.startswith("celery.") and "(" not in task
+
+
+def _make_shape(kind: str, members: list[Any], callback: Any) -> _Shape:
+    labels = tuple(label(m) for m in members)
+    cleaned = clean_text(canvas_name(kind, members, callback, list(labels))) or kind
+    plain = all(_is_task(m) for m in members) and (callback is None or _is_task(callback))
+    return _Shape(cleaned, labels, label(callback) if callback is not None else None,
+                  json_text(kind), json_text(len(members)), plain)
+
+
+def _members_value(node: Any, shape: _Shape) -> dict[str, Any]:
+    """The canvas input: its members' entries and the callback's (``_member``)."""
+    value: dict[str, Any] = {
+        "members": [_member(m, n) for m, n in zip(node.members, shape.labels, strict=True)]}
+    if node.callback is not None:
+        value["callback"] = _member(node.callback)
+    return value
+
+
+def _members_text(node: Any, shape: _Shape, config: Config) -> str | None:
+    """The canvas input as JSON text straight from a canvas of task signatures: the text
+    ``_input_text`` makes of ``_members_value`` when there is no mask, every args is a list
+    or tuple and every kwargs a dict with text keys, no key at any depth looks secret,
+    nothing is deeper than 16 levels and it fits the payload cap; else None (then
+    ``_input_text`` renders it)."""
+    if config.mask is not None:
+        return None
+    verdicts, redact = _verdicts_for(config.redact_keys)
+    entries: list[dict[str, Any]] = []
+    callback = node.callback
+    for sig, task in zip((*node.members, callback) if callback is not None else node.members,
+                         (*shape.labels, shape.callback), strict=False):
+        args, kwargs = sig.get("args") or (), sig.get("kwargs") or {}
+        if type(kwargs) is not dict or (type(args) is not tuple and type(args) is not list):
+            return None
+        for key, item in kwargs.items():
+            verdict = verdicts.get(key)
+            if verdict is None:
+                if type(key) is not str:
+                    return None
+                verdict = _secret_name(key, redact)
+            if verdict or (type(item) not in _LEAVES and _secret_key(item, redact, 2)):
+                return None
+        for item in args:
+            if type(item) not in _LEAVES and _secret_key(item, redact, 2):
+                return None
+        options = sig.get("options")
+        task_id = options.get("task_id") if options else None
+        entries.append({"task": task, "id": task_id, "args": args, "kwargs": kwargs}
+                       if task_id else {"task": task, "args": args, "kwargs": kwargs})
+    value = {"members": entries[:-1], "callback": entries[-1]} if callback is not None else {
+        "members": entries}
+    try:
+        text = _JSON.encode(value)
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError):  # not plain JSON, or a lone surrogate
+        return None
+    return text if size <= config.max_payload_bytes else None
+
+
 def _input_text(value: Any, config: Config) -> str:
     """The members as the task input is rendered (mask, redaction, cap); plain JSON with
     nothing to redact or cap is taken as it is (a few microseconds instead of a walk)."""
@@ -165,10 +272,10 @@ def _secret_key(value: Any, redact: Any, depth: int) -> bool:
     if kind is dict or isinstance(value, dict):
         if depth == 16 and value:
             return True  # its items are deeper than 16
-        verdicts = _verdicts
+        verdicts = _verdicts_for(redact)[0]
         for key, item in value.items():
             name = key if type(key) is str else str(key)
-            verdict = verdicts.get((redact, name))
+            verdict = verdicts.get(name)
             if verdict is None:
                 verdict = _secret_name(name, redact)
             if verdict or (type(item) not in _LEAVES and _secret_key(item, redact, depth + 1)):
@@ -182,24 +289,38 @@ def _secret_key(value: Any, redact: Any, depth: int) -> bool:
     return isinstance(value, Mapping)  # some other mapping: the full rendering looks into it
 
 
-_verdicts: dict[tuple[Any, str], bool] = {}
+_verdicts: tuple[Any, dict[str, bool]] = (None, {})  # (pattern, key -> its verdict)
+
+
+def _verdicts_for(redact: Any) -> tuple[dict[str, bool], Any]:
+    """The remembered verdicts of the pattern ``redact`` on keys (canvases repeat their
+    keys), by the pattern's identity: hashing a compiled pattern hashes its whole code."""
+    global _verdicts
+    if _verdicts[0] is not redact:
+        _verdicts = (redact, {})
+    return _verdicts[1], redact
 
 
 def _secret_name(key: str, redact: Any) -> bool:
-    """The pattern's verdict on a key, remembered (canvases repeat their keys)."""
-    verdict = _verdicts.get((redact, key))
+    """The pattern's verdict on a key, remembered."""
+    verdicts = _verdicts_for(redact)[0]
+    verdict = verdicts.get(key)
     if verdict is None:
-        if len(_verdicts) > 4096:
-            _verdicts.clear()
-        verdict = _verdicts[(redact, key)] = bool(redact.search(key))
+        if len(verdicts) > 4096:
+            verdicts.clear()
+        verdict = verdicts[key] = bool(redact.search(key))
     return verdict
 
 
-def _sent_ids(result: Any) -> list[str]:
+def _output_text(group_id: str, result: Any) -> str:
+    """``json.dumps({"group_id": group_id, "task_ids": [...the ids sent...]})``, written
+    directly (its default separators and ASCII escapes)."""
     results = getattr(result, "results", None)
-    if results is None:
-        return []
-    return [str(r.id) for r in results if getattr(r, "id", None)]
+    ids = [_ascii(str(r.id)) for r in results if getattr(r, "id", None)] if results else ()
+    return f'{{"group_id": {_ascii(group_id)}, "task_ids": [{", ".join(ids)}]}}'
+
+
+_ascii = json.encoder.encode_basestring_ascii  # what json.dumps uses for a str
 
 
 def canvas_frame(config: Config, node: Any, result: Any, error: BaseException | None) -> bytes:
@@ -208,36 +329,32 @@ def canvas_frame(config: Config, node: Any, result: Any, error: BaseException | 
     input, environment, release, metadata; level, output, status message), then the trace
     attributes of a top-level root."""
     attrs = current_attributes() if node.parent_span_id is None else None
-    labels = [label(m) for m in node.members]
-    name = (attrs.trace_name if attrs and attrs.trace_name else None) or canvas_name(
-        node.kind, node.members, node.callback, labels)
+    shape = _shape(node.kind, node.members, node.callback)
     as_type, place, blobs = _per_config(config, node.kind)
-    attributes: dict[str, Any] = {_NAMES.OBSERVATION_TYPE: as_type}
+    attributes: dict[str, Any] = {_TYPE: as_type}
     if config.capture_input:
-        members: dict[str, Any] = {
-            "members": [_member(m, n) for m, n in zip(node.members, labels, strict=True)]}
-        if node.callback is not None:
-            members["callback"] = _member(node.callback)
-        attributes[_NAMES.OBSERVATION_INPUT] = _input_text(members, config)
+        text = _members_text(node, shape, config) if shape.plain else None
+        attributes[_INPUT] = text if text is not None else _input_text(
+            _members_value(node, shape), config)
     attributes.update(place)  # environment, release
-    metadata = _NAMES.OBSERVATION_METADATA
-    attributes[f"{metadata}.canvas"] = json_text(node.kind)
-    attributes[f"{metadata}.group_id"] = json_text(node.group_id)
-    attributes[f"{metadata}.members"] = json_text(len(node.members))
-    attributes[_NAMES.OBSERVATION_LEVEL] = "ERROR" if error else "DEFAULT"
+    attributes[_META_CANVAS] = shape.kind_text
+    attributes[_META_GROUP] = json_text(node.group_id)
+    attributes[_META_MEMBERS] = shape.count_text
+    attributes[_LEVEL] = "ERROR" if error else "DEFAULT"
     if config.capture_output:
-        attributes[_NAMES.OBSERVATION_OUTPUT] = json.dumps(
-            {"group_id": node.group_id, "task_ids": _sent_ids(result)})
+        attributes[_OUTPUT] = _output_text(node.group_id, result)
     message = None
     if error is not None:
         message = clean_text(f"publishing failed: {type(error).__name__}: {error}")
-        attributes[_NAMES.OBSERVATION_STATUS_MESSAGE] = message
+        attributes[_STATUS_MESSAGE] = message
+    name = shape.name
     if attrs:
         attributes.update(_trace_attributes(attrs))
+        if attrs.trace_name:
+            name = clean_text(attrs.trace_name) or node.kind
     parent = node.parent_span_id
-    fields = (clean_text(name) or node.kind, _INTERNAL,
-              parent.to_bytes(8, "big") if parent else None, parent_flags(bool(parent)),
-              node.started_ns, max(time.time_ns(), node.started_ns),
+    fields = (name, _INTERNAL, parent.to_bytes(8, "big") if parent else None,
+              parent_flags(bool(parent)), node.started_ns, max(time.time_ns(), node.started_ns),
               _ERROR if error else _UNSET, message, attributes, (), (), None, 0, 0, 0, *blobs)
     try:
         return compact_span_record(node.trace_id, node.span_id, fields)

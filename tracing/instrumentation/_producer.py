@@ -46,19 +46,19 @@ _writers: dict[Any, SegmentWriter] = {}
 _shipper: Any = None  # this producer's shipper (False: none can run), started on first use
 _eager: _runtime.Runtime | None = None  # the runtime this module built for eager tasks
 _warned: set[str] = set()
+_instrument: Any = None  # tracing.instrumentation._instrument, imported on first use
 
 
 def current_config() -> Config:
     """The configuration in force: a worker's runtime's, else ``instrument()``'s (the latest
     call), else the eager runtime's, else the environment's (read once)."""
-    from tracing.instrumentation import _instrument  # it imports the task handlers, which use us
-
-    global _config
+    global _config, _instrument
     runtime = _runtime.current()
-    if _in_worker(runtime):
-        assert runtime is not None
+    if runtime is not None and runtime is not _eager:  # a worker (see _in_worker)
         return runtime.config
     if _config is None:
+        if _instrument is None:  # it imports the task handlers, which use this module
+            from tracing.instrumentation import _instrument
         if _instrument._config is not None:
             return _instrument._config
         if runtime is not None:
@@ -92,8 +92,7 @@ def write(config: Config, frame: bytes) -> None:
             writer = _writers[config.spool_dir] = SegmentWriter(config.spool_dir)
         writer.append(frame)
         runtime = _runtime.current()
-        if _in_worker(runtime):
-            assert runtime is not None
+        if runtime is not None and runtime is not _eager:  # a worker (see _in_worker)
             if runtime.shipper is not None:
                 runtime.shipper.wake()
             return  # a worker: its shipper sends the spool
