@@ -243,3 +243,28 @@ def test_a_status_message_cut_in_a_trace_tree_ends_with_an_ellipsis(receiver):
         _sdk.forget_client(receiver.public_key)
     [line] = [x for x in receiver.tree(obs.trace_id).splitlines() if "job [span]" in x]
     assert '"boom kaput kaput' in line and line.endswith('…"')
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"text": "héllo \u2028 \"quoted\"", "n": 3, "flag": True, "off": False, "none": None},
+    {"ratio": 0.25, "nested": {"a": [1, (2, 3)], "b": {"c": "d"}}, "items": []},
+    {"secret_token": "sk-1", "q": "x"},  # redacted: rendered the long way
+    {"deep": {"api_key": "sk-2"}},  # redacted at depth
+    {"nan": float("nan")},  # not plain JSON
+    {"lone": "\ud800"},  # a lone surrogate
+])
+def test_the_direct_canvas_input_is_the_rendered_one(app, kwargs):
+    """The canvas input written straight from task signatures is exactly the text the full
+    rendering (redaction, cap) makes of the same members, whatever their values."""
+    from tracing.instrumentation import _canvas_span
+
+    config = tracing.load_config(environ={"LANGFUSE_PUBLIC_KEY": "pk", "LANGFUSE_SECRET_KEY": "sk"})
+    members = [app.signature("t.a", args=(1, "two", [3.5]), kwargs=kwargs),
+               app.signature("t.b", kwargs=kwargs)]
+    members[0].freeze()
+    node = _canvas.Node("chord", "g-1", members, app.signature("t.c", args=[None]), 1, 2, None)
+    shape = _canvas_span._shape(node.kind, node.members, node.callback)
+    rendered = _canvas_span._input_text(_canvas_span._members_value(node, shape), config)
+    direct = _canvas_span._members_text(node, shape, config)
+    assert direct in (None, rendered)
+    assert (direct is None) == any(k in kwargs for k in ("secret_token", "deep", "nan", "lone"))

@@ -18,7 +18,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from opentelemetry.sdk.resources import Resource
@@ -121,6 +121,7 @@ class _Shape(NamedTuple):
     name: str  # the observation name (surrogates replaced)
     labels: tuple[str, ...]  # each member's label
     callback: str | None  # the callback's label
+    texts: tuple[str, ...]  # the labels as JSON text, the callback's last
     kind_text: str  # metadata.canvas, as JSON
     count_text: str  # metadata.members, as JSON
     plain: bool  # every member (and the callback) a task signature: the direct input path
@@ -161,8 +162,10 @@ def _make_shape(kind: str, members: list[Any], callback: Any) -> _Shape:
     labels = tuple(label(m) for m in members)
     cleaned = clean_text(canvas_name(kind, members, callback, list(labels))) or kind
     plain = all(_is_task(m) for m in members) and (callback is None or _is_task(callback))
-    return _Shape(cleaned, labels, label(callback) if callback is not None else None,
-                  json_text(kind), json_text(len(members)), plain)
+    callback_label = label(callback) if callback is not None else None
+    texts = tuple(_encode_str(n) for n in (*labels, *([callback_label] if callback_label else [])))
+    return _Shape(cleaned, labels, callback_label, texts, json_text(kind),
+                  json_text(len(members)), plain)
 
 
 def _members_value(node: Any, shape: _Shape) -> dict[str, Any]:
@@ -175,44 +178,61 @@ def _members_value(node: Any, shape: _Shape) -> dict[str, Any]:
 
 
 def _members_text(node: Any, shape: _Shape, config: Config) -> str | None:
-    """The canvas input as JSON text straight from a canvas of task signatures: the text
-    ``_input_text`` makes of ``_members_value`` when there is no mask, every args is a list
-    or tuple and every kwargs a dict with text keys, no key at any depth looks secret,
+    """The canvas input as JSON text, written straight from a canvas of task signatures: the
+    text ``_input_text`` makes of ``_members_value`` when there is no mask, every args is a
+    list or tuple and every kwargs a dict with text keys, no key at any depth looks secret,
     nothing is deeper than 16 levels and it fits the payload cap; else None (then
-    ``_input_text`` renders it)."""
+    ``_input_text`` renders it). Leaf values are written here, anything else by the
+    encoder (Python 3.11's builds a list of items per dict: twice the time)."""
     if config.mask is not None:
         return None
     verdicts, redact = _verdicts_for(config.redact_keys)
-    entries: list[dict[str, Any]] = []
     callback = node.callback
-    for sig, task in zip((*node.members, callback) if callback is not None else node.members,
-                         (*shape.labels, shape.callback), strict=False):
-        args, kwargs = sig.get("args") or (), sig.get("kwargs") or {}
-        if type(kwargs) is not dict or (type(args) is not tuple and type(args) is not list):
-            return None
-        for key, item in kwargs.items():
-            verdict = verdicts.get(key)
-            if verdict is None:
-                if type(key) is not str:
-                    return None
-                verdict = _secret_name(key, redact)
-            if verdict or (type(item) not in _LEAVES and _secret_key(item, redact, 2)):
-                return None
-        for item in args:
-            if type(item) not in _LEAVES and _secret_key(item, redact, 2):
-                return None
-        options = sig.get("options")
-        task_id = options.get("task_id") if options else None
-        entries.append({"task": task, "id": task_id, "args": args, "kwargs": kwargs}
-                       if task_id else {"task": task, "args": args, "kwargs": kwargs})
-    value = {"members": entries[:-1], "callback": entries[-1]} if callback is not None else {
-        "members": entries}
+    entries: list[str] = []
     try:
-        text = _JSON.encode(value)
+        for sig, task in zip((*node.members, callback) if callback is not None else node.members,
+                             shape.texts, strict=False):
+            args, kwargs = sig.get("args") or (), sig.get("kwargs") or {}
+            if type(kwargs) is not dict or (type(args) is not tuple and type(args) is not list):
+                return None
+            items = []
+            for key, item in kwargs.items():
+                verdict = verdicts.get(key)
+                if verdict is None:
+                    if type(key) is not str:
+                        return None
+                    verdict = _secret_name(key, redact)
+                if verdict:
+                    return None
+                leaf = _LEAF_JSON.get(type(item))
+                if leaf is None and _secret_key(item, redact, 2):
+                    return None
+                items.append(f"{_encode_str(key)}:{leaf(item) if leaf else _JSON.encode(item)}")
+            values = []
+            for item in args:
+                leaf = _LEAF_JSON.get(type(item))
+                if leaf is None and _secret_key(item, redact, 2):
+                    return None
+                values.append(leaf(item) if leaf else _JSON.encode(item))
+            options = sig.get("options")
+            task_id = options.get("task_id") if options else None
+            ident = f',"id":{_JSON.encode(task_id)}' if task_id else ""
+            entries.append(f'{{"task":{task}{ident},"args":[{",".join(values)}],'
+                           f'"kwargs":{{{",".join(items)}}}}}')
+        if callback is not None:
+            text = f'{{"members":[{",".join(entries[:-1])}],"callback":{entries[-1]}}}'
+        else:
+            text = f'{{"members":[{",".join(entries)}]}}'
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
     except (TypeError, ValueError, RecursionError):  # not plain JSON, or a lone surrogate
         return None
     return text if size <= config.max_payload_bytes else None
+
+
+_encode_str = json.encoder.encode_basestring  # what _JSON writes for a str
+_LEAF_JSON: dict[type, Callable[[Any], str]] = {  # exactly these types; float: the encoder
+    str: _encode_str, int: int.__repr__, bool: lambda flag: "true" if flag else "false",
+    type(None): lambda _: "null"}
 
 
 def _input_text(value: Any, config: Config) -> str:
