@@ -216,7 +216,12 @@ def _members_text(node: Any, shape: _Shape, config: Config) -> str | None:
                 values.append(leaf(item) if leaf else _JSON.encode(item))
             options = sig.get("options")
             task_id = options.get("task_id") if options else None
-            ident = f',"id":{_JSON.encode(task_id)}' if task_id else ""
+            if not task_id:
+                ident = ""
+            elif type(task_id) is str:
+                ident = f',"id":{_encode_str(task_id)}'
+            else:
+                ident = f',"id":{_JSON.encode(task_id)}'
             entries.append(f'{{"task":{task}{ident},"args":[{",".join(values)}],'
                            f'"kwargs":{{{",".join(items)}}}}}')
         if callback is not None:
@@ -358,7 +363,9 @@ def canvas_frame(config: Config, node: Any, result: Any, error: BaseException | 
             _members_value(node, shape), config)
     attributes.update(place)  # environment, release
     attributes[_META_CANVAS] = shape.kind_text
-    attributes[_META_GROUP] = json_text(node.group_id)
+    group_id = node.group_id
+    attributes[_META_GROUP] = _encode_str(group_id) if type(group_id) is str else json_text(
+        group_id)
     attributes[_META_MEMBERS] = shape.count_text
     attributes[_LEVEL] = "ERROR" if error else "DEFAULT"
     if config.capture_output:
