@@ -6,9 +6,12 @@ this is on the sender's path once per canvas. The record holds what the SDK's tr
 have put in the span: its attribute names, scope ``langfuse-sdk`` with the public key as
 scope attribute, the environment and release as resource attributes, kind INTERNAL. What
 does not change from canvas to canvas (the resource and scope blobs, the observation type,
-environment and release attributes) is made once per configuration. A top-level root
-carries the trace attributes of ``trace_attributes`` (user, session, tags, metadata, trace
-name, version) so the trace has them before any member ran.
+environment and release attributes) is made once per configuration; what depends only on
+the canvas's shape (its kind and task names: the name, the labels) once per shape. The
+members' input is written as JSON text straight from the signatures when there is nothing
+to mask, redact or cap (the same text the full rendering makes); else it is rendered like a
+task's input. A top-level root carries the trace attributes of ``trace_attributes`` (user,
+session, tags, metadata, trace name, version) so the trace has them before any member ran.
 """
 
 # ruff: noqa: RUF002  (the canvas names Langfuse shows use the multiplication sign)
