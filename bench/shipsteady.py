@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._procs import ROOT, ReceiverProcess
+from bench._rows import emit_row
 from bench._stats import median
 
 KEYS = ("pk-lf-steady", "sk-lf-steady")
@@ -181,11 +182,7 @@ def compare(args: argparse.Namespace) -> None:
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_avg_1m": round(os.getloadavg()[0], 2), "command": command,
                 "python": platform.python_version()}
-        rows.append(line)
-        print(json.dumps(line), flush=True)
-        if args.out is not None:
-            with args.out.open("a") as out:
-                out.write(json.dumps(line) + "\n")
+        emit_row(line, rows, args.out)
 
     with tempfile.TemporaryDirectory(prefix="bench-steady-") as tmp:
         scratch = Path(tmp)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._procs import ROOT, RedisServer, Worker, children_of
+from bench._rows import emit_row
 from bench._stats import median
 from bench.throughput import WARMUP_TASKS, Harness, cpu_seconds, run_tasks
 from tracing.testing import LangfuseReceiver
@@ -225,11 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     def emit(row: dict[str, Any]) -> None:
         line = {**row, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_avg_1m": round(os.getloadavg()[0], 2), **common}
-        rows.append(line)
-        print(json.dumps(line), flush=True)
-        if args.out is not None:
-            with args.out.open("a") as out:
-                out.write(json.dumps(line) + "\n")
+        emit_row(line, rows, args.out)
 
     with tempfile.TemporaryDirectory(prefix="bench-taskpath-") as tmp:
         scratch = Path(tmp)
