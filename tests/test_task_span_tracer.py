@@ -20,7 +20,7 @@ from tests.test_task_pipeline import records, spooled, traced_app
 from tracing.instrumentation._client import task_tracer
 from tracing.instrumentation._otel import PinnedIds
 from tracing.instrumentation._task_span_tracer import TaskSpanTracer, scope_for
-from tracing.spool import KIND_SPAN, SegmentWriter
+from tracing.spool import KIND_SPAN, SegmentWriter, list_segments, scan_file
 from tracing.spool._exporter import SpoolExporter
 from tracing.spool._spanrecord import encode_record
 
@@ -57,7 +57,7 @@ def _both(tmp_path: Path, limits: SpanLimits,
 
     spool = SpoolExporter(SegmentWriter(tmp_path / "spool"))
     tracer = TaskSpanTracer(provider, None, scope_for("langfuse-sdk", "5", "pk"),
-                            PinnedIds(), limits, spool, None)
+                            PinnedIds(), limits, lambda: (spool, None))
     task_span = tracer.start_span("task", context=otel_context.Context(),
                                   attributes=ATTRIBUTES)
     script(task_span)
@@ -128,7 +128,7 @@ def test_the_langfuse_sdk_updates_the_task_observation_from_the_task_body(tmp_pa
     task's record is written by the task span itself (the direct road)."""
     with traced_app(tmp_path) as app:
         key = _client_key()
-        assert task_tracer(key).spool is not None  # no filter, no mask: the direct road
+        assert task_tracer(key).route() is not None  # no filter, no mask: the direct road
 
         @app.task(name="pipe.updates", shared=False)
         def updates() -> int:
@@ -158,7 +158,7 @@ def test_the_default_samplers_rule_is_the_samplers_own_decision(tmp_path):
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
     tracer = TaskSpanTracer(TracerProvider(), None, scope_for("langfuse-sdk", "5", "pk"),
-                            PinnedIds(), SpanLimits(), None, None)
+                            PinnedIds(), SpanLimits(), lambda: None)
     assert tracer.sampler is DEFAULT_ON
     state = TraceState([("k", "v")])
     for remote in (False, True):
@@ -172,3 +172,23 @@ def test_the_default_samplers_rule_is_the_samplers_own_decision(tmp_path):
             assert span.get_span_context().trace_state == expected.trace_state
     root = tracer.start_span("t", context=otel_context.Context())
     assert root.is_recording() and root.get_span_context().trace_flags.sampled
+
+
+def test_a_later_runtime_gets_the_task_records_of_the_same_client(tmp_path):
+    """When a process starts another runtime for the same key (the SDK's client already
+    exists and is redirected), task spans write into the new spool, not the old one."""
+    from tracing.instrumentation import _runtime
+
+    with traced_app(tmp_path) as app:
+        key = _client_key()
+        config = _runtime.current().config  # type: ignore[union-attr]
+        _runtime.stop()
+        _runtime._runtime = None
+        moved = tmp_path / "moved"
+        _runtime.start(config.__class__(**{**config.__dict__, "spool_dir": str(moved)}),
+                       ship=False)
+        assert task_tracer(key).route() is not None
+        app.tasks["pipe.plain"].apply()
+        later = [r.payload for path, _ in list_segments(moved)
+                 for r in scan_file(path).records if r.kind == KIND_SPAN]
+    assert len(later) == 2, "the task span and its child went to the new spool"

@@ -41,6 +41,7 @@ from tracing._sdk import LangfuseWiringError
 from tracing.instrumentation._otel import PinnedIds, SpanGuard, pin_ids_on
 from tracing.instrumentation._pipeline import make_synchronous
 from tracing.instrumentation._task_span_tracer import TaskSpanTracer, scope_for
+from tracing.spool._exporter import SpoolExporter
 
 __all__ = ["LangfuseWiringError", "attach_langfuse", "task_tracer"]
 
@@ -78,7 +79,9 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
         _sdk.set_batch_exporter(processor, MediaRouter(transformer, exporter))
     make_synchronous(processor)
     if not existed and config.tracer_provider is None:
-        _owned[provider] = _direct_writing(config, exporter, transformer)
+        # Task spans may write their own records unless the user's filter or mask (baked
+        # into this client) must see them.
+        _owned[provider] = config.should_export_span is None and config.mask is None
     exported = config.should_export_span or is_default_export_span
     _sdk.put_processor_first(provider, SpanGuard(exported))
     return client, processor
@@ -100,12 +103,13 @@ def task_tracer(public_key: str) -> Any:
         return cached[2]
     direct = _owned.get(provider)
     if direct is not None:
+        processor = _sdk.langfuse_processor(provider, public_key)
         base_ids = getattr(provider, "id_generator", None)
         tracer: Any = TaskSpanTracer(
-            provider, _sdk.langfuse_processor(provider, public_key),
-            scope_for(_sdk.TRACER_NAME, _sdk.sdk_version(), public_key),
+            provider, processor, scope_for(_sdk.TRACER_NAME, _sdk.sdk_version(), public_key),
             base_ids if isinstance(base_ids, PinnedIds) else PinnedIds(base_ids),
-            _sdk.span_limits_of(provider) or SpanLimits(), *direct)
+            _sdk.span_limits_of(provider) or SpanLimits(),
+            (lambda: _direct_route(processor)) if direct else _no_route)
     else:  # the application's provider (or a client's from before instrument()): task spans
         # go through every processor on it, as any other span
         tracer = provider.get_tracer(_sdk.TRACER_NAME, _sdk.sdk_version(),
@@ -117,23 +121,26 @@ def task_tracer(public_key: str) -> Any:
 
 _tracers: dict[str, tuple[Any, Any, Any]] = {}
 # Providers attach_langfuse built: nothing but the SDK's processor (and our guard) is on them,
-# so task spans skip them (``_task_span_tracer``); with how a task span's record may be
-# written directly: (the spool exporter or None, the media check or None).
-_owned: weakref.WeakKeyDictionary[TracerProvider, tuple[Any, Any]] = (
-    weakref.WeakKeyDictionary())
+# so task spans skip them (``_task_span_tracer``); with whether a task span may write its
+# own record (the user's should_export_span or mask must see it otherwise).
+_owned: weakref.WeakKeyDictionary[TracerProvider, bool] = weakref.WeakKeyDictionary()
 
 
-def _direct_writing(config: Config, spool: SpanExporter, transformer: Any) -> tuple[Any, Any]:
-    """Whether a task span may write its own record into ``spool`` (not when the user's
-    ``should_export_span`` or ``mask`` must see it), and the media check its attributes
-    need first (when the SDK's media transformer is on the road)."""
-    if config.should_export_span is not None or config.mask is not None:
-        return None, None
-    if transformer is None:
-        return spool, None
-    if _sdk.transformer_masks(transformer):
-        return None, None
-    return spool, may_hold_media
+def _direct_route(processor: Any) -> tuple[Any, Any] | None:
+    """Where a task span may write its own record now: the spool exporter the SDK processor
+    exports to, with the media check its attributes need first when the SDK's media
+    transformer is on the road; None when the transformer masks every span (or the road is
+    not one we built)."""
+    exporter = _sdk.batch_exporter(processor)
+    if isinstance(exporter, SpoolExporter):
+        return exporter, None
+    if isinstance(exporter, MediaRouter) and not _sdk.transformer_masks(exporter.transformer):
+        return exporter.spool, may_hold_media
+    return None
+
+
+def _no_route() -> None:
+    return None
 
 
 def _own_provider(config: Config) -> TracerProvider:

@@ -25,9 +25,9 @@ What stays exactly as it was, because :class:`TaskSpanTracer` keeps the provider
 The SDK processor's end-time rules apply unchanged through a second road: a span whose
 record is not written here becomes a ``ReadableSpan`` handed to the processor's ``on_end``
 (its export filter, the media and mask transformer, the spool exporter). That road is taken
-when the Langfuse client has a ``should_export_span`` or ``mask`` of the user's
-(``direct=False``), when a string attribute may hold media (the transformer uploads it), or
-when the record cannot be encoded.
+when the Langfuse client has a ``should_export_span`` or ``mask`` of the user's, when a
+string attribute may hold media (the transformer uploads it), or when the record cannot be
+encoded.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -61,16 +61,17 @@ class TaskSpanTracer:
     and writes each one's record when it ends (``spool``), or hands it to ``processor``."""
 
     def __init__(self, provider: Any, processor: Any, scope: InstrumentationScope,
-                 id_generator: Any, limits: Any, spool: Any | None,
-                 media: Any | None) -> None:
+                 id_generator: Any, limits: Any, route: Callable[[], Any]) -> None:
         self.sampler = provider.sampler
         self.resource = provider.resource
         self.scope = scope
         self.id_generator = id_generator
         self.limits = limits
         self.processor = processor
-        self.spool = spool  # the SpoolExporter, or None: always through the processor
-        self.media = media  # an attributes -> bool check, or None: no media transformer
+        # Where an ended span's record may go directly, asked at each end (a later runtime
+        # may point the processor at another spool): (the SpoolExporter, an attributes ->
+        # bool media check or None), or None for always through the processor.
+        self.route = route
         self.blobs = (resource_blob(self.resource), scope_blob(scope))
 
     def start_span(self, name: str, context: otel_context.Context | None = None,
@@ -108,14 +109,15 @@ class TaskSpanTracer:
     def finish(self, span: TaskSpan) -> None:
         """The ended ``span`` into the spool: its record written here, or through the
         processor (see the module docstring)."""
-        if self.spool is not None and not (self.media and self.media(span.attributes)):
+        direct = self.route()
+        if direct is not None and not (direct[1] and direct[1](span.attributes)):
             try:
                 frame = compact_span_record(span.context.trace_id, span.context.span_id,
                                             self._fields(span))
             except ValueError:
                 frame = b""  # a value marshal refuses: the exporter falls back to OTLP
             if frame:
-                self.spool.write(frame, 1)
+                direct[0].write(frame, 1)
                 return
         self.processor.on_end(span.readable())
 
