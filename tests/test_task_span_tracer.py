@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import Status, StatusCode
 
-from tests.test_task_pipeline import records, spooled, traced_app
+from tests.test_task_pipeline import IMAGE, records, spooled, traced_app
 from tracing.instrumentation._client import task_tracer
 from tracing.instrumentation._otel import PinnedIds
 from tracing.instrumentation._task_span_tracer import TaskSpanTracer, scope_for
@@ -176,7 +176,8 @@ def test_the_default_samplers_rule_is_the_samplers_own_decision(tmp_path):
 
 def test_a_later_runtime_gets_the_task_records_of_the_same_client(tmp_path):
     """When a process starts another runtime for the same key (the SDK's client already
-    exists and is redirected), task spans write into the new spool, not the old one."""
+    exists and is redirected), task spans write into the new spool, not the old one, and a
+    task input holding media still takes the SDK's media path."""
     from tracing.instrumentation import _runtime
 
     with traced_app(tmp_path) as app:
@@ -184,11 +185,14 @@ def test_a_later_runtime_gets_the_task_records_of_the_same_client(tmp_path):
         config = _runtime.current().config  # type: ignore[union-attr]
         _runtime.stop()
         _runtime._runtime = None
-        moved = tmp_path / "moved"
+        moved = tmp_path / "again" / "spool"
         _runtime.start(config.__class__(**{**config.__dict__, "spool_dir": str(moved)}),
                        ship=False)
         assert task_tracer(key).route() is not None
         app.tasks["pipe.plain"].apply()
         later = [r.payload for path, _ in list_segments(moved)
                  for r in scan_file(path).records if r.kind == KIND_SPAN]
-    assert len(later) == 2, "the task span and its child went to the new spool"
+        assert len(later) == 2, "the task span and its child went to the new spool"
+        app.tasks["pipe.generate"].apply(kwargs={"image": IMAGE})
+        text = str(spooled(tmp_path / "again")["pipe.generate"].input)
+    assert IMAGE not in text and "@@@langfuseMedia:" in text

@@ -72,6 +72,9 @@ def attach_langfuse(config: Config, exporter: SpanExporter) -> tuple[Langfuse, A
     if existed:
         logger.info("celery-langfuse: a Langfuse client existed before instrument(); "
                     "redirecting its spans to the spool")
+    earlier = _sdk.batch_exporter(processor)
+    if isinstance(earlier, MediaRouter):  # an earlier runtime's road: keep the SDK's wrapper
+        _sdk.set_batch_exporter(processor, earlier.transformer)
     transformer = _sdk.redirect_batch(processor, exporter, config.flush_interval)
     if transformer is not None:
         # The SDK wraps the exporter to upload media and apply masks; keep that wrapper, but
