@@ -58,7 +58,9 @@ def traced_runtime(spool_dir: Path) -> Iterator[tuple[Celery, Any]]:
 
 def _as_in_a_worker() -> None:
     """Disconnect the eager handlers, as ``worker_init`` does in a worker (so its pool
-    children never run them): ``Task.apply()`` then costs what a pool child's task pays."""
+    children never run them): ``Task.apply()`` then costs what a pool child's task pays. By
+    dispatch uid, not through ``tracing``: the before side of ``bench.taskpath`` runs this
+    code against an older ``tracing/``."""
     from celery import signals
 
     for signal, name in ((signals.task_prerun, "on_eager_prerun"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -16,8 +15,8 @@ import pytest
 from langfuse import Langfuse
 from langfuse.api import DatasetItem
 from langfuse.experiment import Evaluation
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tracing import _sdk, root_observation_id_for
 from tracing.experiments._experiment_items import (
@@ -79,21 +78,12 @@ def test_an_item_that_is_neither_a_dict_nor_a_dataset_item_is_named():
         items_of("not a list")
 
 
-class Collect(SpanExporter):
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-
 def test_an_items_attributes_are_the_ones_the_sdk_writes_on_its_task_span():
     """For the same local item, our observation gets the SDK's experiment-item-task span's
     langfuse.experiment.* names (all of them server names) and the same values, except the
     ids the SDK draws at random; environment sdk-experiment as the SDK's."""
     key = f"pk-lf-exp-{uuid.uuid4().hex[:8]}"
-    exporter = Collect()
+    exporter = InMemorySpanExporter()
     client = Langfuse(public_key=key, secret_key="sk", base_url="http://127.0.0.1:9",
                       tracer_provider=TracerProvider(), span_exporter=exporter)
     try:
@@ -102,7 +92,8 @@ def test_an_items_attributes_are_the_ones_the_sdk_writes_on_its_task_span():
         client.flush()
     finally:
         _sdk.forget_client(key)
-    [sdk_span] = [s for s in exporter.spans if s.name == "experiment-item-task"]
+    [sdk_span] = [s for s in exporter.get_finished_spans()
+                  if s.name == "experiment-item-task"]
     sdk = {k: v for k, v in (sdk_span.attributes or {}).items() if k.startswith("langfuse.exp")}
     run = Run("exp", "run-1", "0123456789abcdef", "about", {"model": "m1"}, None, None)
     item = items_of(DATA).items[0]

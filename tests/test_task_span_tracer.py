@@ -13,7 +13,8 @@ from langfuse import get_client
 from opentelemetry import context as otel_context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 from tests.test_task_pipeline import IMAGE, records, spooled, traced_app
@@ -27,26 +28,12 @@ from tracing.spool._spanrecord import encode_record
 ATTRIBUTES = {"langfuse.observation.type": "span", "a": "x" * 40, "n": 7, "ok": True}
 
 
-class _Kept(SpanExporter):
-    """The SDK spans a real provider ended, kept in memory."""
-
-    def __init__(self) -> None:
-        self.spans: list[Any] = []
-
-    def export(self, spans: Any) -> SpanExportResult:
-        self.spans.extend(spans)
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        """Nothing to release."""
-
-
 def _both(tmp_path: Path, limits: SpanLimits,
           script: Callable[[Any], None]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``script`` run on an OpenTelemetry SDK span and on a task span with the same limits;
     the compact fields of each one's record."""
     resource = Resource({"service.name": "t"})
-    kept = _Kept()
+    kept = InMemorySpanExporter()
     provider = TracerProvider(resource=resource, span_limits=limits)
     provider.add_span_processor(SimpleSpanProcessor(kept))
     sdk_tracer = provider.get_tracer("langfuse-sdk", "5", attributes={"public_key": "pk"})
@@ -64,7 +51,7 @@ def _both(tmp_path: Path, limits: SpanLimits,
     task_span.end()
     spool.writer.close()
     [payload] = records(tmp_path, KIND_SPAN)
-    [ended] = kept.spans
+    [ended] = kept.get_finished_spans()
     return marshal.loads(encode_record(ended)[25:]), marshal.loads(payload[25:])
 
 
