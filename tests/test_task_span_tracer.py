@@ -15,7 +15,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanContext, Status, StatusCode
 
 from tests.test_task_pipeline import IMAGE, records, spooled, traced_app
 from tracing.instrumentation._client import task_tracer
@@ -68,11 +68,12 @@ def _same_fields(sdk: tuple[Any, ...], ours: tuple[Any, ...]) -> None:
 
 
 def test_a_task_span_writes_the_record_the_exporter_writes_for_an_sdk_span(tmp_path):
-    """Name, parent, flags, status, attributes, resource and scope of a task span's record
-    are those of an OpenTelemetry SDK span given the same calls."""
+    """Name, parent, flags, status, attributes, links, resource and scope of a task span's
+    record are those of an OpenTelemetry SDK span given the same calls."""
     def script(span: Any) -> None:
         span.set_attributes({"langfuse.observation.output": "{}", "f": 1.5, "t": ("a", "b")})
         span.set_attribute("langfuse.observation.level", "ERROR")
+        span.add_link(SpanContext(7, 8, True), {"why": "sent by"})
         span.set_status(Status(StatusCode.ERROR, "boom"))
 
     _same_fields(*_both(tmp_path, SpanLimits(), script))

@@ -47,7 +47,15 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
-from tracing.spool._spanrecord import compact_span_record, parent_flags, resource_blob, scope_blob
+from tracing.spool._spanrecord import (
+    compact_span_record,
+    event_fields,
+    link_fields,
+    parent_flags,
+    resource_blob,
+    scope_blob,
+    trace_state_text,
+)
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -129,26 +137,11 @@ class TaskSpanTracer:
             span.name, 0, parent.span_id.to_bytes(8, "big") if parent else None,
             parent_flags(parent is not None and parent.is_remote), span.start_time,
             span.end_time, code, message, attributes,
-            _events(span.events) if span.events else (),
-            _links(span.links) if span.links else (),
-            _trace_state_text(span.context) if span.context.trace_state else None, dropped,
-            span.dropped_events, 0, *self.blobs,
+            event_fields(span.events) if span.events else (),
+            link_fields(span.links) if span.links else (),
+            trace_state_text(span.context.trace_state), dropped, span.dropped_events, 0,
+            *self.blobs,
         )
-
-
-def _events(events: list[Event]) -> tuple[Any, ...]:
-    return tuple((e.name, e.timestamp, dict(e.attributes or {}), 0) for e in events)
-
-
-def _links(links: list[Link]) -> tuple[Any, ...]:
-    return tuple((link.context.trace_id.to_bytes(16, "big"),
-                  link.context.span_id.to_bytes(8, "big"), dict(link.attributes or {}), 0,
-                  parent_flags(link.context.is_remote)) for link in links)
-
-
-def _trace_state_text(context: SpanContext) -> str | None:
-    state = context.trace_state
-    return ",".join(f"{k}={v}" for k, v in state.items()) if state else None
 
 
 def _cleaned(attributes: Mapping[str, Any], max_length: int | None) -> dict[str, Any]:

@@ -69,9 +69,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracing.spool import KIND_SPAN, encode_frame
 
-__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "origin_of",
-           "otlp_batch", "otlp_request", "otlp_span", "parent_flags", "resource_blob",
-           "scope_blob", "span_record"]
+__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "event_fields",
+           "link_fields", "origin_of", "otlp_batch", "otlp_request", "otlp_span", "parent_flags",
+           "resource_blob", "scope_blob", "span_record", "trace_state_text"]
 
 BODY_OTLP = 0x0A
 BODY_COMPACT = 0x02
@@ -160,6 +160,24 @@ def parent_flags(parent_is_remote: bool) -> int:
     return _HAS_IS_REMOTE | (_IS_REMOTE if parent_is_remote else 0)
 
 
+def event_fields(events: Sequence[Any]) -> tuple[Any, ...]:
+    """Field 9 of a compact record for OpenTelemetry ``Event`` objects."""
+    return tuple((e.name, e.timestamp, dict(e.attributes or {}), e.dropped_attributes)
+                 for e in events)
+
+
+def link_fields(links: Sequence[Any]) -> tuple[Any, ...]:
+    """Field 10 of a compact record for OpenTelemetry ``Link`` objects."""
+    return tuple((link.context.trace_id.to_bytes(16, "big"),
+                  link.context.span_id.to_bytes(8, "big"), dict(link.attributes or {}),
+                  link.dropped_attributes, _flags(link.context)) for link in links)
+
+
+def trace_state_text(trace_state: Any) -> str | None:
+    """Field 11 of a compact record: W3C ``tracestate`` text (None for an empty state)."""
+    return ",".join(f"{k}={v}" for k, v in trace_state.items()) if trace_state else None
+
+
 def encode_record(span: ReadableSpan) -> bytes:
     """The KIND_SPAN payload of ``span``: its ids, then the compact body (or OTLP, see above)."""
     context = span.get_span_context()
@@ -173,13 +191,9 @@ def encode_record(span: ReadableSpan) -> bytes:
             span.name, span.kind.value, parent.span_id.to_bytes(8, "big") if parent else None,
             _flags(parent), span.start_time, span.end_time, status.status_code.value,
             status.description, dict(span.attributes or {}),
-            tuple((e.name, e.timestamp, dict(e.attributes or {}), e.dropped_attributes)
-                  for e in span.events) if span.events else (),
-            tuple((link.context.trace_id.to_bytes(16, "big"),
-                   link.context.span_id.to_bytes(8, "big"), dict(link.attributes or {}),
-                   link.dropped_attributes, _flags(link.context))
-                  for link in span.links) if span.links else (),
-            ",".join(f"{k}={v}" for k, v in trace_state.items()) if trace_state else None,
+            event_fields(span.events) if span.events else (),
+            link_fields(span.links) if span.links else (),
+            trace_state_text(trace_state) if trace_state else None,
             span.dropped_attributes, span.dropped_events, span.dropped_links,
             _resources.get(span.resource, _resource_blob),
             _scopes.get(span.instrumentation_scope, _scope_blob),
