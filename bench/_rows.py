@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 
-def emit_row(line: dict[str, Any], rows: list[dict[str, Any]], out: Path | None) -> None:
-    """Keep ``line`` in ``rows``, print it, and append it to ``out`` (if given)."""
-    rows.append(line)
+def emit_row(line: dict[str, Any], out: Path | None,
+             rows: list[dict[str, Any]] | None = None) -> None:
+    """Print ``line``, append it to ``out`` (if given), and keep it in ``rows`` (if given)."""
+    if rows is not None:
+        rows.append(line)
     text = json.dumps(line)
     print(text, flush=True)
     if out is not None:

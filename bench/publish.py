@@ -29,6 +29,7 @@ from langfuse import Langfuse
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from bench._rows import emit_row
 from bench._stats import summary_us
 
 
@@ -210,10 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.before:
         for record in compare_canvas(args.before, args.rounds, max(200, args.iterations // 2)):
             record["command"] = command
-            print(json.dumps(record), flush=True)
-            if args.out:
-                with args.out.open("a") as out:
-                    out.write(json.dumps(record) + "\n")
+            emit_row(record, args.out)
         return
     for record in (measure(args.iterations), measure_canvas(max(200, args.iterations // 2))):
         record["command"] = command

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._procs import ROOT, ReceiverProcess
+from bench._rows import emit_row
 
 SPANS_PER_APPEND = 64
 
@@ -306,10 +307,7 @@ def main() -> None:
     for row in rows:
         line = {"at": at, "load_avg_1m": os.getloadavg()[0],
                 **row, "command": command, "python": platform.python_version()}
-        print(json.dumps(line))
-        if args.out is not None:
-            with args.out.open("a") as out:
-                out.write(json.dumps(line) + "\n")
+        emit_row(line, args.out)
 
 
 # --------------------------------------------------------------------------- placement

@@ -182,7 +182,7 @@ def compare(args: argparse.Namespace) -> None:
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_avg_1m": round(os.getloadavg()[0], 2), "command": command,
                 "python": platform.python_version()}
-        emit_row(line, rows, args.out)
+        emit_row(line, args.out, rows)
 
     with tempfile.TemporaryDirectory(prefix="bench-steady-") as tmp:
         scratch = Path(tmp)

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     def emit(row: dict[str, Any]) -> None:
         line = {**row, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_avg_1m": round(os.getloadavg()[0], 2), **common}
-        emit_row(line, rows, args.out)
+        emit_row(line, args.out, rows)
 
     with tempfile.TemporaryDirectory(prefix="bench-taskpath-") as tmp:
         scratch = Path(tmp)
