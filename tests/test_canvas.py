@@ -114,6 +114,29 @@ def test_chord_from_outside_is_one_trace_under_one_canvas_root(app, module_recei
     assert sorted(trace.output["task_ids"]) == sorted(r.id for r in result.parent.results)
 
 
+@pytest.mark.parametrize("members", ["retrying", "a chain"])
+def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
+        app, module_receiver, members):
+    """The chord callback hangs under the canvas root when the member that fires it is a
+    retry (its message carried the pin on) or a chain's last link (the pin is in the
+    callback itself)."""
+    if members == "retrying":
+        header = [app.signature("t.retry") for _ in range(2)]
+        names = {"t.retry": 4}
+    else:
+        header = [chain(app.signature("t.add", args=[1, 1]), app.signature("t.add", args=[2])),
+                  app.signature("t.add", args=[3, 3])]
+        names = {"t.add": 3}
+    result = chord(header, app.signature("t.chain_step", args=[9])).apply_async()
+    result.get(timeout=30)
+    trace = one_trace(module_receiver, tracing.trace_id_for(result.parent.id),
+                      {**names, "t.chain_step": 1})
+    [root] = trace.roots
+    assert root.id == tracing.root_observation_id_for(result.parent.id)
+    [callback] = [o for o in trace.observations if o.name == "t.chain_step"]
+    assert callback.parent_observation_id == root.id
+
+
 def test_group_from_outside_is_one_trace_of_siblings(app, module_receiver):
     """A group sent from outside any trace is one trace, its members siblings under the
     canvas root `group: t.add ×3`."""

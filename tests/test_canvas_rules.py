@@ -80,6 +80,67 @@ def test_a_chord_writes_one_root_and_pins_its_callback(app, published, producer)
             f"{tracing.root_observation_id_for(group_id)}-01")
     assert [h["traceparent"] for h in published] == [root] * 3
     assert spans_on(producer) == 1
+    callback = result.id  # the callback's parent travels on each member's message
+    assert [h[_propagation.CALLBACK_HEADER] for h in published] == [f"{callback} {root}"] * 3
+    assert _propagation.PARENT_HEADER not in str(published)
+
+
+def test_a_chord_with_a_chain_member_pins_its_callback_in_the_callback(
+        app, published, producer):
+    """A chain among a chord's members sends the callback from its last link, whose message
+    the sender never publishes: the pin goes into the callback signature instead, which
+    every member carries."""
+    embedded: list[Any] = []
+
+    def record(body: Any = None, **_: Any) -> None:
+        embedded.append(body[2]["chord"] or body[2]["chain"][0]["options"]["chord"])
+
+    signals.before_task_publish.connect(record, weak=False)
+    try:
+        result = chord([chain(app.signature("t.add", args=[1, 1]), app.signature("t.add")),
+                        app.signature("t.add", args=[2, 2])],
+                       app.signature("t.total")).apply_async()
+    finally:
+        signals.before_task_publish.disconnect(record)
+    group_id = result.parent.id
+    root = (f"00-{tracing.trace_id_for(group_id)}-"
+            f"{tracing.root_observation_id_for(group_id)}-01")
+    assert all(_propagation.CALLBACK_HEADER not in h for h in published)
+    assert len(embedded) == 2
+    assert [c["options"]["headers"][_propagation.PARENT_HEADER] for c in embedded] == [root] * 2
+
+
+def test_a_chord_members_worker_sends_the_callback_under_the_pin():
+    """In a chord member's task (its message carried the callback's parent), the publish of
+    that callback goes under the pin; any other task it sends goes under the member; a
+    header that is not ``<id> <traceparent>`` is ignored."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    pinned = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    request = type("Request", (), {"headers": {
+        _propagation.CALLBACK_HEADER: f"cb-1 {pinned}"}})()
+    incoming = _propagation.read_headers(request)
+    assert incoming.callback == ("cb-1", pinned)
+    for bad in ("cb-1", f" {pinned}", "cb-1 not-a-traceparent", 7):
+        request.headers = {_propagation.CALLBACK_HEADER: bad}
+        assert _propagation.read_headers(request).callback is None
+    member = SpanContext(0xC, 0xD, False, TraceFlags(1))
+    context = otel_context.set_value(
+        _propagation.CALLBACK_KEY, incoming.callback,
+        otel_trace.set_span_in_context(NonRecordingSpan(member)))
+    token = otel_context.attach(context)
+    try:
+        callback: dict[str, Any] = {"id": "cb-1"}
+        other: dict[str, Any] = {"id": "t-2"}
+        _propagation._on_before_publish(sender="t.total", headers=callback)
+        _propagation._on_before_publish(sender="t.add", headers=other)
+    finally:
+        otel_context.detach(token)
+    assert callback["traceparent"] == pinned
+    assert other["traceparent"] == f"00-{0xC:032x}-{0xD:016x}-01"
+    assert _propagation.CALLBACK_HEADER not in callback | other
 
 
 def test_the_canvas_input_is_redacted_like_a_tasks(app, published, producer):

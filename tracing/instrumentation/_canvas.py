@@ -35,10 +35,21 @@ the member whose completion happened to fire it: in Langfuse the root's children
 as the canvas (the members, then the callback), the callback's time is not counted inside a
 member that did not do that work, and where it hangs does not depend on which member ended
 last. The callback is published by that member's worker, inside the member's observation,
-so the sender pins the callback's parent: a ``celery_langfuse_parent`` header
-(a ``traceparent``) in the callback signature's options, which every member message
-carries; ``_propagation`` uses it once, for the callback's own publish, and drops it, so a
-retry of the callback hangs under the attempt before, as every retry does.
+so the sender pins the callback's parent (``_propagation`` uses the pin for the callback's
+own publish only, so a retry of the callback hangs under the attempt before, as every retry
+does). Where the pin travels:
+
+* a chord of task signatures (members and callback) on a backend whose members' workers
+  publish the callback (Redis, and every backend with its own chord join): a
+  ``celery_langfuse_callback`` header on each member's message, written by the publish
+  handler while the members are sent (``callback_pinned``); nothing is added to the
+  callback signature, which Celery deep-copies into every member (a third of a chord
+  send's tracing cost, ``bench.publish``);
+* else (a chain or canvas among the members, whose last link sends the callback; a callback
+  that is a canvas, whose own members are the messages sent; a backend that polls with
+  ``celery.chord_unlock``; an eager chord; a callback without a frozen id): a
+  ``celery_langfuse_parent`` header in the callback signature's options, which every member
+  message carries.
 
 **Durable at the sender**: the root is one span record appended to the producer's spool
 (``_producer``: the worker's spool in a worker, else this process's shipper thread, a last
@@ -53,6 +64,7 @@ to a plain task's send (only ``group.apply_async`` is wrapped).
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import functools
 import logging
@@ -62,16 +74,18 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import uuid4
 
+from celery import current_app
+from celery.backends.base import Backend
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from tracing.instrumentation import _producer
-from tracing.instrumentation._canvas_span import canvas_frame
-from tracing.instrumentation._propagation import PARENT_HEADER
+from tracing.instrumentation._canvas_span import canvas_frame, is_task
+from tracing.instrumentation._propagation import PARENT_HEADER, callback_pinned
 from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
 
-__all__ = ["EagerChain", "eager_chain", "install", "pin_parent", "publish", "uninstall"]
+__all__ = ["EagerChain", "eager_chain", "install", "publish", "uninstall"]
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -89,12 +103,14 @@ class Node:
     parent_span_id: int | None
     absorb_header: bool = False  # an eager chord: its header group is this same canvas
     started_ns: int = field(default_factory=time.time_ns)
+    context: SpanContext = field(init=False, repr=False, compare=False)  # its span context
 
-    @functools.cached_property
-    def context(self) -> SpanContext:
-        """Its span context (made once: the callback's pin and the send both use it)."""
-        return SpanContext(self.trace_id, self.span_id, is_remote=False,
-                           trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    def __post_init__(self) -> None:
+        self.context = SpanContext(self.trace_id, self.span_id, is_remote=False,
+                                   trace_flags=_SAMPLED)
+
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 _active: contextvars.ContextVar[Node | None] = contextvars.ContextVar(
@@ -132,6 +148,8 @@ def _wrap(cls: type, name: str, make: Callable[..., Any]) -> None:
 
 
 def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    eager = original.__name__ == "apply"
+
     def call(self: Any, *args: Any, **options: Any) -> Any:
         try:
             tasks = _members(self)
@@ -147,7 +165,7 @@ def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
             logger.exception("celery-langfuse: could not read the canvas; sent as it is")
             return original(self, *args, **options)
         return publish(kind, group_id, tasks, callback,
-                       lambda: original(self, *args, **options), root_id=root_id)
+                       lambda: original(self, *args, **options), root_id=root_id, eager=eager)
 
     return call
 
@@ -197,7 +215,8 @@ def _eager_chord_call(original: Callable[..., Any]) -> Callable[..., Any]:
         except Exception:
             logger.exception("celery-langfuse: could not read the chord; run as it is")
             return run()
-        return publish("chord", str(uuid4()), tasks, callback, run, absorb_header=True)
+        return publish("chord", str(uuid4()), tasks, callback, run, absorb_header=True,
+                       eager=True)
 
     return call
 
@@ -234,7 +253,9 @@ def _eager_chain_call(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _members(canvas: Any) -> list[Any]:
-    tasks = getattr(canvas, "tasks", canvas)
+    kwargs = canvas.get("kwargs") if isinstance(canvas, dict) else None  # a group is a dict
+    tasks = kwargs.get("tasks", canvas) if isinstance(kwargs, dict) else getattr(
+        canvas, "tasks", canvas)
     if type(tasks) is list or type(tasks) is tuple:
         return list(tasks)
     return list(tasks) if isinstance(tasks, Iterable) else []
@@ -242,26 +263,29 @@ def _members(canvas: Any) -> list[Any]:
 
 def publish(
     kind: str, group_id: str, members: list[Any], callback: Any, send: Callable[[], Any],
-    *, absorb_header: bool = False, root_id: str | None = None,
+    *, absorb_header: bool = False, root_id: str | None = None, eager: bool = False,
 ) -> Any:
     """Send a canvas by ``send()`` in the context its members must hang in (table above);
     a top-level root's ids come from ``root_id`` when the sender gave one, else the group id.
     Whatever fails in tracing, the canvas is sent."""
     try:
         placed = _place(kind, group_id, members, callback, absorb_header, root_id)
+        pin = _pin(callback, placed[2], members, eager) if placed is not None else _NO_PIN
     except Exception:
         logger.exception("celery-langfuse: could not place canvas %s; it is sent untraced",
                          group_id)
-        placed = None
-    if placed is None:
-        return send()
-    config, node = placed
+        placed, pin = None, _NO_PIN
+    config, node, _ = placed if placed is not None else (None, None, "")
+    if node is None:
+        with pin:
+            return send()
     token = _active.set(node)
     otel_token = otel_context.attach(otel_trace.set_span_in_context(NonRecordingSpan(node.context)))
     result: Any = None
     error: BaseException | None = None
     try:
-        result = send()
+        with pin:
+            result = send()
         return result
     except BaseException as exc:
         error = exc
@@ -276,21 +300,24 @@ def publish(
                              "canvas is sent unaffected", group_id)
 
 
+_Placed = tuple[Any, "Node | None", str]  # configuration, node, the callback's parent
+
+
 def _place(
     kind: str, group_id: str, members: list[Any], callback: Any, absorb_header: bool,
     root_id: str | None,
-) -> tuple[Any, Node] | None:
-    """The node to send the canvas under, with the configuration to write it with; None when
-    it needs none (the same canvas again, a sender's observation, no keys)."""
+) -> _Placed | None:
+    """The node to send the canvas under, with the configuration to write it with, and the
+    ``traceparent`` its callback hangs under; no node under a sender's observation; None when
+    it needs nothing (the same canvas again, no keys)."""
     active = _active.get()
     current = otel_trace.get_current_span().get_span_context()
     parent = active if active is not None and current == active.context else None
     if parent is not None and (parent.group_id == group_id or parent.absorb_header):
         parent.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
         return None
-    if parent is None and current.is_valid:
-        pin_parent(callback, current)  # no extra root: under the sender's observation
-        return None
+    if parent is None and current.is_valid:  # no extra root: under the sender's observation
+        return None, None, f"00-{current.trace_id:032x}-{current.span_id:016x}-01"
     config = _producer.current_config()
     if not config.enabled:
         return None
@@ -306,22 +333,40 @@ def _place(
         trace_hex, span_hex = f"{trace_id:032x}", root_observation_id_for(group_id)
     node = Node(kind, group_id, members, callback, trace_id, int(span_hex, 16), parent_span,
                 absorb_header)
-    _pin(callback, f"00-{trace_hex}-{span_hex}-01")
-    return config, node
+    return config, node, f"00-{trace_hex}-{span_hex}-01"
 
 
-def pin_parent(callback: Any, parent: SpanContext) -> None:
-    """Make ``parent`` the parent of the chord callback ``callback`` when it is published."""
-    _pin(callback, f"00-{parent.trace_id:032x}-{parent.span_id:016x}-01")
+_NO_PIN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
-def _pin(callback: Any, traceparent: str) -> None:
+def _pin(callback: Any, traceparent: str, members: list[Any],
+         eager: bool) -> contextlib.AbstractContextManager[None]:
+    """Pin the chord callback ``callback`` under ``traceparent`` (module docstring): on the
+    members' messages (a block to send them in is returned), else in the callback's options
+    (an empty block is returned, as for a group, which has no callback)."""
     options = _options(callback, None) if callback is not None else None
     if options is None:
-        return
+        return _NO_PIN
+    callback_id = options.get("task_id")
+    if (not eager and type(callback_id) is str and is_task(callback)
+            and all(map(is_task, members)) and _joined_by_members(callback)):
+        return callback_pinned(callback_id, traceparent)
     headers = options.get("headers")
     options["headers"] = ({**headers, PARENT_HEADER: traceparent} if headers
                           else {PARENT_HEADER: traceparent})
+    return _NO_PIN
+
+
+def _joined_by_members(callback: Any) -> bool:
+    """Whether the chord's callback is published by a member's worker (a backend with a
+    chord join of its own) rather than by a ``celery.chord_unlock`` task polling for it
+    (Celery's base ``Backend.apply_chord``); False when that cannot be told."""
+    try:
+        app = getattr(callback, "_app", None) or current_app
+        apply_chord = getattr(app.backend, "apply_chord", None)
+    except Exception:  # a backend that cannot be built here: pin in the callback
+        return False
+    return getattr(apply_chord, "__func__", None) not in (None, Backend.apply_chord)
 
 
 def _write(config: Any, node: Node, result: Any, error: BaseException | None) -> None:

@@ -39,7 +39,7 @@ from tracing.spool._spanrecord import (
     scope_blob,
 )
 
-__all__ = ["canvas_frame", "canvas_name", "label"]
+__all__ = ["canvas_frame", "canvas_name", "is_task", "label"]
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -155,7 +155,7 @@ def _shape(kind: str, members: list[Any], callback: Any) -> _Shape:
 _NOT_A_TASK = object()
 
 
-def _is_task(sig: Any) -> bool:
+def is_task(sig: Any) -> bool:
     """A task signature (a Signature is a dict), not a canvas or anything else."""
     task = sig.get("task") if isinstance(sig, dict) else None
     return type(task) is str and not task.startswith("celery.") and "(" not in task
@@ -164,7 +164,7 @@ def _is_task(sig: Any) -> bool:
 def _make_shape(kind: str, members: list[Any], callback: Any) -> _Shape:
     labels = tuple(label(m) for m in members)
     cleaned = clean_text(canvas_name(kind, members, callback, list(labels))) or kind
-    plain = all(_is_task(m) for m in members) and (callback is None or _is_task(callback))
+    plain = all(is_task(m) for m in members) and (callback is None or is_task(callback))
     callback_label = label(callback) if callback is not None else None
     texts = tuple(_encode_str(n) for n in (*labels, *([callback_label] if callback_label else [])))
     return _Shape(cleaned, labels, callback_label, texts, json_text(kind),

@@ -8,10 +8,20 @@ context, so a producer inside an observation gets the task as its child, and
 version, join) and ``celery_langfuse_sent_at`` (the publish time, epoch seconds as text, from
 which the worker computes how long the message waited in the queue).
 
-A message may carry a pinned parent, ``celery_langfuse_parent`` (a ``traceparent``): a chord
-callback's, set by the process that sent the chord (``_canvas``). It is used instead of the
-current context for that one publish and dropped, so a retry of that task hangs under the
-attempt before, as every retry does.
+A chord callback's parent is pinned by the process that sent the chord (``_canvas``), in one
+of two ways; either is used instead of the current context for the callback's own publish
+only, so a retry of the callback hangs under the attempt before, as every retry does:
+
+* ``celery_langfuse_callback`` on each member's message: ``<callback task id> <traceparent>``
+  (one space). The worker running the member keeps it in the task's context
+  (:data:`CALLBACK_KEY`); when the member's completion publishes the message with that task
+  id, it goes under that ``traceparent``. A member's retry carries it on (``Task.retry``
+  copies the request's headers). Per message, so nothing is copied per member: Celery
+  deep-copies a callback's options into every member.
+* ``celery_langfuse_parent`` (a ``traceparent``) in the callback signature's own ``headers``
+  option, so in the callback message itself, dropped when used: for a callback published
+  elsewhere than in a member's worker (a ``chord_unlock`` backend, a chain's last link, an
+  eager chord).
 
 Where the headers go, and why only at the top level: Celery (5.x, protocol 2) merges custom
 headers flat into the message headers; the worker's ``Context`` then takes as
@@ -40,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from celery import signals
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -52,6 +63,8 @@ logger = logging.getLogger("celery_langfuse")
 ATTRIBUTES_HEADER = "celery_langfuse"
 SENT_AT_HEADER = "celery_langfuse_sent_at"
 PARENT_HEADER = "celery_langfuse_parent"
+CALLBACK_HEADER = "celery_langfuse_callback"
+CALLBACK_KEY = otel_context.create_key("celery_langfuse.chord_callback")  # (task id, parent)
 _W3C_KEYS = ("traceparent", "tracestate")
 _propagator = TraceContextTextMapPropagator()
 
@@ -163,6 +176,19 @@ def disconnect_publish_handler() -> None:
 
 _publish_observation = False
 _public_key: str | None = None
+_members_pin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "celery_langfuse_members_pin", default=None)
+
+
+@contextlib.contextmanager
+def callback_pinned(callback_id: str, traceparent: str) -> Iterator[None]:
+    """Every message published in the block (a chord's members) carries the parent of the
+    chord callback ``callback_id`` (``celery_langfuse_callback``, module docstring)."""
+    token = _members_pin.set(f"{callback_id} {traceparent}")
+    try:
+        yield
+    finally:
+        _members_pin.reset(token)
 
 
 def record_publishes(enabled: bool, public_key: str | None = None) -> None:
@@ -181,6 +207,13 @@ def _on_before_publish(
         if headers is None:
             return
         pinned = headers.pop(PARENT_HEADER, None)
+        if pinned is None:  # in a chord member's worker: its completion sends the callback
+            callback: Any = otel_context.get_value(CALLBACK_KEY)
+            if callback is not None and headers.get("id") == callback[0]:
+                pinned = callback[1]
+        members_pin = _members_pin.get()
+        if members_pin is not None:  # a chord's members, being sent
+            headers[CALLBACK_HEADER] = members_pin
         if pinned is not None:
             inject(headers, traceparent=str(pinned))
         elif _publish_observation and otel_trace.get_current_span().is_recording():
@@ -236,6 +269,7 @@ class IncomingContext:
     carrier: dict[str, str]
     attributes: TraceAttributes
     sent_at: float | None = None
+    callback: tuple[str, str] | None = None  # a chord member's: its callback's (id, parent)
 
 
 def read_headers(request: Any) -> IncomingContext:
@@ -250,6 +284,7 @@ def read_headers(request: Any) -> IncomingContext:
     carrier: dict[str, str] = {}
     raw_attrs: Any = None
     sent_at: Any = None
+    callback: Any = None
     for source in sources:
         for key in _W3C_KEYS:
             if key not in carrier and isinstance(source.get(key), str):
@@ -258,7 +293,18 @@ def read_headers(request: Any) -> IncomingContext:
             raw_attrs = source.get(ATTRIBUTES_HEADER)
         if sent_at is None:
             sent_at = source.get(SENT_AT_HEADER)
-    return IncomingContext(carrier, _parse_attributes(raw_attrs), _seconds(sent_at))
+        if callback is None:
+            callback = source.get(CALLBACK_HEADER)
+    return IncomingContext(carrier, _parse_attributes(raw_attrs), _seconds(sent_at),
+                           _callback(callback))
+
+
+def _callback(value: Any) -> tuple[str, str] | None:
+    """``<callback task id> <traceparent>`` as (id, traceparent); None if it is not that."""
+    if type(value) is not str:
+        return None
+    task_id, _, traceparent = value.partition(" ")
+    return (task_id, traceparent) if task_id and traceparent.count("-") == 3 else None
 
 
 def _seconds(value: Any) -> float | None:

@@ -50,7 +50,7 @@ from tracing.instrumentation._experiment_span import experiment_attributes
 from tracing.instrumentation._options import TaskOptions, options_for
 from tracing.instrumentation._otel import drop_counter, task_context
 from tracing.instrumentation._payload import clean_text
-from tracing.instrumentation._propagation import TraceAttributes, read_headers
+from tracing.instrumentation._propagation import CALLBACK_KEY, TraceAttributes, read_headers
 from tracing.instrumentation._redelivery import execution_of
 from tracing.instrumentation._task_common import (
     Outcome,
@@ -132,8 +132,10 @@ def on_task_prerun(
     )
     # Registered before anything else can fail, so task_postrun always ends the observation
     # and detaches the context: a context left attached would leak into the next task.
-    active = _active[task_id] = _Active(
-        span, [otel_context.attach(task_context(span))], options)
+    context = task_context(span)
+    if incoming.callback is not None:  # a chord member: where its callback goes
+        context = otel_context.set_value(CALLBACK_KEY, incoming.callback, context)
+    active = _active[task_id] = _Active(span, [otel_context.attach(context)], options)
     experiment: dict[str, Any] = safely(
         "reading the experiment header", {}, lambda: experiment_attributes(request))
     if experiment:  # an item of run_experiment: before the open attempt records the span
