@@ -70,17 +70,20 @@ def measure(iterations: int = 5000, block: int = 250) -> dict[str, Any]:
 
 def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -> dict[str, Any]:
     """Per canvas: ``chord(4 members).apply_async()`` on Celery's in-process memory broker,
-    alternating blocks with the canvas wrappers installed and not (the difference is what the
-    root costs: naming, input, the span record, one spool write); and the root alone
+    the publish handler connected (as ``instrument`` connects it), alternating blocks with
+    the canvas wrappers installed and not (the difference is what the canvas costs: placing
+    it, the callback's pin, naming, input, the span record, one spool write), the queue
+    emptied between blocks (untimed: a queue that grows slows every later send); the root
+    alone
     (``_canvas.publish`` around a send that does nothing; wall and CPU time). Per plain
     send: the one header
     lookup the pinned callback parent adds to the publish handler."""
     import tempfile
 
-    from celery import Celery, chord
+    from celery import Celery, chord, signals
 
     from tracing import load_config
-    from tracing.instrumentation import _canvas, _instrument, _producer
+    from tracing.instrumentation import _canvas, _instrument, _producer, _propagation
 
     spool = tempfile.mkdtemp(prefix="bench-canvas-")
     _instrument._config = load_config(environ={
@@ -96,6 +99,8 @@ def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -
     cpu_sends: dict[bool, list[int]] = {False: [], True: []}  # CPU time of this thread
     alone: list[int] = []
     cpu_time: list[int] = []  # the same, CPU time of this thread: less hurt by a busy machine
+    signals.before_task_publish.connect(_propagation._on_before_publish, weak=False,
+                                        dispatch_uid="bench.publish.handler")
     try:
         chord(header, body).apply_async()  # Celery's own first-send costs, untraced
         _canvas.install()
@@ -111,6 +116,8 @@ def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -
                 chord(header, body).apply_async()
                 samples[installed].append(time.perf_counter_ns() - started)
                 cpu_sends[installed].append(time.thread_time_ns() - cpu)
+            with app.connection_for_write() as connection:
+                connection.default_channel.queue_purge("celery")
         for _ in range(iterations):
             group_id, callback = str(uuid.uuid4()), body.clone()
             started, cpu = time.perf_counter_ns(), time.thread_time_ns()
@@ -124,6 +131,7 @@ def measure_canvas(iterations: int = 2000, block: int = 100, members: int = 4) -
             headers.pop("celery_langfuse_parent", None)
             lookup.append(time.perf_counter_ns() - started)
     finally:
+        signals.before_task_publish.disconnect(dispatch_uid="bench.publish.handler")
         _canvas.uninstall()
         _instrument._config = None
         app.close()
