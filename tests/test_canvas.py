@@ -207,18 +207,24 @@ def test_chord_inside_a_group_keeps_the_rule_one_level_down(app, module_receiver
 
 def test_a_chain_of_two_groups_is_one_trace(app, module_receiver):
     """A chain of two groups (Celery makes it a chord whose callback is a group): one trace,
-    one parentless root, every task of both groups under it."""
+    one parentless root with the first group's tasks under it, and the second group, sent by
+    a member's worker, a node of its own under the root with its tasks under it."""
     first = group(app.signature("t.add", args=[i, 5]) for i in range(2))
     second = group(app.signature("t.chain_step", args=[i]) for i in range(2))
     result = chain(first, second).apply_async()
     result.get(timeout=30)
-    name = "chord: t.add ×2 → group(t.chain_step ×2)"
+    name, inner = "chord: t.add ×2 → group(t.chain_step ×2)", "group: t.chain_step ×2"
     trace = one_trace(module_receiver, tracing.trace_id_for(result.parent.id),
-                      {name: 1, "t.add": 2, "t.chain_step": 2})
+                      {name: 1, inner: 1, "t.add": 2, "t.chain_step": 2})
     [root] = trace.roots
     assert root.name == name and root.parent_observation_id is None
-    tasks = [o for o in trace.observations if o.name in ("t.add", "t.chain_step")]
-    assert {o.parent_observation_id for o in tasks} == {root.id}
+    [node] = [o for o in trace.observations if o.name == inner]
+    assert node.parent_observation_id == root.id and node.id == (
+        tracing.root_observation_id_for(result.id))
+    adds = [o for o in trace.observations if o.name == "t.add"]
+    steps = [o for o in trace.observations if o.name == "t.chain_step"]
+    assert {o.parent_observation_id for o in adds} == {root.id}
+    assert {o.parent_observation_id for o in steps} == {node.id}
 
 
 def test_a_chord_sent_by_a_chain_link_hangs_under_that_link(app, module_receiver):

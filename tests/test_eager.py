@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 USER_TESTS = '''
 import pytest
-from celery import Celery, chain, group
+from celery import Celery, chain, chord, group
 from langfuse import Langfuse, get_client
 
 import tracing
@@ -100,12 +100,27 @@ def test_eager_group_is_one_trace(traced):
     members = traced.wait_for_count(2, name="users.summarize")
     assert {m.parent_observation_id for m in members} == {root.id}
     assert root.parent_observation_id is None
+
+
+def test_eager_chord_with_a_group_callback_nests_the_group(traced):
+    """An eager chord whose callback is a group: one trace, that group a node of its own
+    under the chord's root, the header's tasks under the root and the group's under it."""
+    chord([summarize.s("a text"), summarize.s("b text")],
+          group(summarize.s(), summarize.s())).apply_async()
+    [root] = traced.wait_for_count(
+        1, name="chord: users.summarize ×2 → group(users.summarize ×2)")
+    [node] = traced.wait_for_count(1, name="group: users.summarize ×2")
+    members = traced.wait_for_count(4, name="users.summarize")
+    assert root.parent_observation_id is None and node.parent_observation_id == root.id
+    assert sorted(m.parent_observation_id for m in members) == sorted(
+        [root.id] * 2 + [node.id] * 2)
 '''
 
 
 def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> None:
     """A user's eager-mode tests, with only the `langfuse_receiver` fixture, see each task's
-    observation, the SDK calls under it, retries, chains and an eager group as one trace."""
+    observation, the SDK calls under it, retries, chains, an eager group as one trace and a
+    group as a chord's callback nested under the chord."""
     (tmp_path / "test_users_tasks.py").write_text(textwrap.dedent(USER_TESTS))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:celery",
@@ -113,7 +128,7 @@ def test_users_eager_tests_see_their_tasks_with_the_fixture(tmp_path: Path) -> N
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout
+    assert "6 passed" in result.stdout
 
 
 def test_a_worker_turns_the_eager_handlers_off(

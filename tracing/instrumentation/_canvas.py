@@ -21,6 +21,8 @@ from outside any trace                         the **canvas root**: a parentless
                                                chord, ``span`` for a group
 while another canvas is being sent (a chord    a canvas node of its own under the outer one
 inside a group)                                (same rule, one level down)
+as a chord's callback (``chain(group, group)``  a canvas node of its own under the chord's
+is a chord whose callback is the 2nd group)    node, sent by the member's worker that fires it
 =============================================  ================================================
 
 **Ids any process can derive**: trace id ``trace_id_for(group_id)`` and observation id
@@ -161,11 +163,13 @@ def _group_call(original: Callable[..., Any]) -> Callable[..., Any]:
             callback = _chord_body(group_id, tasks)
             kind = "chord" if callback is not None else "group"
             root_id = options.get("root_id") or own.get("root_id")
+            pinned = _pinned_group(own, options)
         except Exception:
             logger.exception("celery-langfuse: could not read the canvas; sent as it is")
             return original(self, *args, **options)
         return publish(kind, group_id, tasks, callback,
-                       lambda: original(self, *args, **options), root_id=root_id, eager=eager)
+                       lambda: original(self, *args, **options), root_id=root_id, eager=eager,
+                       pinned=pinned)
 
     return call
 
@@ -187,6 +191,36 @@ def _chord_run_call(original: Callable[..., Any]) -> Callable[..., Any]:
             _bodies.reset(token)
 
     return call
+
+
+@dataclass
+class PinnedGroup:
+    """A group sent as a chord's callback (``chain(group, group)`` is a chord whose callback
+    is the second group): the pin its sender put in its options for its members."""
+
+    context: SpanContext  # the pinned parent: the chord's canvas node
+    headers: list[dict[str, Any]]  # the options' ``headers`` dicts that hold the pin
+
+    def unpin(self) -> None:
+        """The members hang under the group's own node instead: drop the pin they would get."""
+        for headers in self.headers:
+            headers.pop(PARENT_HEADER, None)
+
+
+def _pinned_group(own: Any, options: dict[str, Any]) -> PinnedGroup | None:
+    """The pin a group's options carry (a chord's callback group, sent by a member's worker
+    or an eager chord), if any."""
+    holders = [h for h in (own.get("headers"), options.get("headers"))
+               if isinstance(h, dict) and PARENT_HEADER in h]
+    if not holders:
+        return None
+    parts = str(holders[0][PARENT_HEADER]).split("-")
+    try:
+        context = SpanContext(int(parts[1], 16), int(parts[2], 16), is_remote=True,
+                              trace_flags=_SAMPLED)
+    except (IndexError, ValueError):
+        return None
+    return PinnedGroup(context, holders) if context.is_valid else None
 
 
 def _chord_body(group_id: str, tasks: list[Any]) -> Any:
@@ -264,13 +298,18 @@ def _members(canvas: Any) -> list[Any]:
 def publish(
     kind: str, group_id: str, members: list[Any], callback: Any, send: Callable[[], Any],
     *, absorb_header: bool = False, root_id: str | None = None, eager: bool = False,
+    pinned: PinnedGroup | None = None,
 ) -> Any:
     """Send a canvas by ``send()`` in the context its members must hang in (table above);
-    a top-level root's ids come from ``root_id`` when the sender gave one, else the group id.
+    a top-level root's ids come from ``root_id`` when the sender gave one, else the group id;
+    a chord's callback group (``pinned``) gets a node under the chord's.
     Whatever fails in tracing, the canvas is sent."""
     try:
-        placed = _place(kind, group_id, members, callback, absorb_header, root_id)
+        placed = _place(kind, group_id, members, callback, absorb_header, root_id,
+                        pinned.context if pinned is not None else None)
         pin = _pin(callback, placed[2], members, eager) if placed is not None else _NO_PIN
+        if pinned is not None and placed is not None and placed[1] is not None:
+            pinned.unpin()
     except Exception:
         logger.exception("celery-langfuse: could not place canvas %s; it is sent untraced",
                          group_id)
@@ -305,18 +344,21 @@ _Placed = tuple[Any, "Node | None", str]  # configuration, node, the callback's 
 
 def _place(
     kind: str, group_id: str, members: list[Any], callback: Any, absorb_header: bool,
-    root_id: str | None,
+    root_id: str | None, pinned: SpanContext | None = None,
 ) -> _Placed | None:
     """The node to send the canvas under, with the configuration to write it with, and the
     ``traceparent`` its callback hangs under; no node under a sender's observation; None when
-    it needs nothing (the same canvas again, no keys)."""
+    it needs nothing (the same canvas again, no keys). A chord's callback group (``pinned``:
+    the chord's node) gets a node under it."""
     active = _active.get()
     current = otel_trace.get_current_span().get_span_context()
-    parent = active if active is not None and current == active.context else None
+    parent: Any = active if active is not None and current == active.context else None
     if parent is not None and (parent.group_id == group_id or parent.absorb_header):
         parent.absorb_header = False  # the same canvas (apply_async → apply, a chord's header)
         return None
-    if parent is None and current.is_valid:  # no extra root: under the sender's observation
+    if pinned is not None:
+        parent = pinned
+    elif parent is None and current.is_valid:  # no extra root: under the sender's observation
         return None, None, f"00-{current.trace_id:032x}-{current.span_id:016x}-01"
     config = _producer.current_config()
     if not config.enabled:
