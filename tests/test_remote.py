@@ -66,6 +66,7 @@ def test_tasks_keep_flowing_while_the_operator_flushes(start_worker, worker_env,
     app = Celery(broker=worker_env["CELERY_BROKER_URL"],
                  backend=worker_env["CELERY_RESULT_BACKEND"])
     node = worker.name.replace("%h", socket.gethostname())
+    answering(app, node)
     started = time.monotonic()
     flush = app.control.broadcast("langfuse_flush", arguments={"timeout": 5},
                                   destination=[node], reply=True, timeout=10, limit=1)
@@ -82,3 +83,13 @@ def test_tasks_keep_flowing_while_the_operator_flushes(start_worker, worker_env,
     assert status and status[0][node]["tracing"] == "on"
     assert flush_s < 2.0 and status_s < 2.0, (flush_s, status_s)
     assert worker.stop() == 0
+
+
+def answering(app: Celery, node: str, timeout: float = 20.0) -> None:
+    """Wait until ``node`` answers a control ping: "ready" in its log can come before its
+    broadcast subscription is live on Redis (a broadcast then reaches nobody)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if app.control.ping(destination=[node], timeout=0.5):
+            return
+    raise AssertionError(f"worker {node} answered no control ping within {timeout:.0f} s")
