@@ -242,3 +242,36 @@ def test_an_applications_provider_still_sees_task_spans(tmp_path):
     assert set(spans) == {"pipe.generate", "llm"}
     assert {s.name for s in theirs.get_finished_spans()} == {"pipe.generate", "llm"}
     assert spans["pipe.generate"].is_app_root and not spans["llm"].is_app_root
+
+
+def test_an_excluded_chord_member_still_sends_its_callback_under_the_pin(tmp_path):
+    """A chord member excluded from tracing has no observation, yet the callback it sends
+    hangs under the parent pinned on its message, and nothing of it stays attached."""
+    from celery import signals
+    from opentelemetry import trace as otel_trace
+
+    from tracing.instrumentation._propagation import CALLBACK_HEADER
+
+    pinned = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    sent: list[dict[str, Any]] = []
+
+    def record(headers: dict[str, Any] | None = None, **_: Any) -> None:
+        sent.append(dict(headers or {}))
+
+    with traced_app(tmp_path, exclude_tasks="pipe.member") as app:
+        app.conf.broker_url = "memory://"
+
+        @app.task(name="pipe.member", shared=False)
+        def member() -> None:
+            app.send_task("pipe.total", task_id="cb-1")  # what the chord's join sends
+            app.send_task("pipe.other", task_id="t-2")
+
+        signals.before_task_publish.connect(record, weak=False)
+        try:
+            member.apply(headers={CALLBACK_HEADER: f"cb-1 {pinned}"})
+        finally:
+            signals.before_task_publish.disconnect(record)
+        assert not otel_trace.get_current_span().get_span_context().is_valid
+        assert records(tmp_path, KIND_OPEN) == []
+    callback, other = sent
+    assert callback["traceparent"] == pinned and "traceparent" not in other

@@ -104,6 +104,7 @@ def on_task_prerun(
         return
     config = runtime.config
     if config.is_excluded(task.name):
+        _carry_callback_pin(task_id, task.request)
         return
     options = options_for(task)
     request = task.request
@@ -148,6 +149,17 @@ def on_task_prerun(
         active.tokens.append(propagation)
     if span.is_recording():
         runtime.write_frames(open_frame(task_id, span))
+
+
+def _carry_callback_pin(task_id: str, request: Any) -> None:
+    """A chord member excluded from tracing has no observation, but the callback its
+    completion sends still goes under the parent its message pinned (``_propagation``)."""
+    callback = read_headers(request).callback
+    if callback is not None:
+        _untraced[task_id] = otel_context.attach(otel_context.set_value(CALLBACK_KEY, callback))
+
+
+_untraced: dict[str, Any] = {}  # excluded chord members: task id -> their context's token
 
 
 def joined(
@@ -316,6 +328,10 @@ def on_task_postrun(
     **_: Any,
 ) -> None:
     if task_id is None:
+        return
+    untraced = _untraced.pop(task_id, None)
+    if untraced is not None:
+        otel_context.detach(untraced)
         return
     if state is None:
         _interrupted(task_id)
