@@ -296,7 +296,7 @@ def read_headers(request: Any) -> IncomingContext:
         if callback is None:
             callback = source.get(CALLBACK_HEADER)
     return IncomingContext(carrier, _parse_attributes(raw_attrs), _seconds(sent_at),
-                           _callback(callback))
+                           None if callback is None else _callback(callback))
 
 
 def _callback(value: Any) -> tuple[str, str] | None:
