@@ -114,15 +114,18 @@ def test_chord_from_outside_is_one_trace_under_one_canvas_root(app, module_recei
     assert sorted(trace.output["task_ids"]) == sorted(r.id for r in result.parent.results)
 
 
-@pytest.mark.parametrize("members", ["retrying", "a chain"])
+@pytest.mark.parametrize("members", ["retrying", "replaced", "a chain"])
 def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
         app, module_receiver, members):
     """The chord callback hangs under the canvas root when the member that fires it is a
-    retry (its message carried the pin on) or a chain's last link (the pin is in the
-    callback itself)."""
+    retry (its message carried the pin on), a member's replacement (``Task.replace``: the
+    pin went with it) or a chain's last link (the pin is in the callback itself)."""
     if members == "retrying":
         header = [app.signature("t.retry") for _ in range(2)]
         names = {"t.retry": 4}
+    elif members == "replaced":
+        header = [app.signature("t.replaced", args=[i]) for i in range(2)]
+        names = {"t.replaced": 2, "t.add": 2}
     else:
         header = [chain(app.signature("t.add", args=[1, 1]), app.signature("t.add", args=[2])),
                   app.signature("t.add", args=[3, 3])]

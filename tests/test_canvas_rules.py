@@ -329,3 +329,16 @@ def test_the_direct_canvas_input_is_the_rendered_one(app, kwargs):
     direct = _canvas_span._members_text(node, shape, config)
     assert direct in (None, rendered)
     assert (direct is None) == any(k in kwargs for k in ("secret_token", "deep", "nan", "lone"))
+
+
+def test_a_message_fires_the_chord_when_it_or_its_chains_last_link_carries_it():
+    """``fires_chord`` finds the callback in a message's own chord or in a chain link's
+    ``chord`` option (a member replaced by a chain), and nowhere else."""
+    callback = {"task": "t.total", "options": {"task_id": "cb-1"}}
+    last = {"task": "t.add", "options": {"chord": callback}}
+    assert _propagation.fires_chord(((), {}, {"chord": callback}), "cb-1")
+    assert _propagation.fires_chord(((), {}, {"chord": None, "chain": [last]}), "cb-1")
+    assert not _propagation.fires_chord(((), {}, {"chord": callback}), "cb-2")
+    assert not _propagation.fires_chord(((), {}, {"chain": [{"task": "t.add"}]}), "cb-1")
+    for odd in (None, b"raw", ((), {}), ((), {}, "embed"), ((), {}, {"chain": ["x"]})):
+        assert not _propagation.fires_chord(odd, "cb-1")

@@ -82,6 +82,12 @@ def add(x: int, y: int) -> int:
     return x + y
 
 
+@app.task(name="t.replaced", bind=True)
+def replaced(self: Any, x: int) -> None:
+    """Replaces itself with ``t.add(x, x)`` (``Task.replace``), as a dynamic chord member."""
+    raise self.replace(add.s(x, x))
+
+
 @app.task(name="t.fail")
 def fail(message: str = "boom") -> None:
     raise ValueError(message)

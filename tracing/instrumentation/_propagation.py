@@ -16,8 +16,10 @@ only, so a retry of the callback hangs under the attempt before, as every retry 
   (one space). The worker running the member keeps it in the task's context
   (:data:`CALLBACK_KEY`); when the member's completion publishes the message with that task
   id, it goes under that ``traceparent``. A member's retry carries it on (``Task.retry``
-  copies the request's headers). Per message, so nothing is copied per member: Celery
-  deep-copies a callback's options into every member.
+  copies the request's headers), and so does a member's replacement (``Task.replace``: the
+  handler puts it on a message that fires the same chord, :func:`fires_chord`). Per
+  message, so nothing is copied per member: Celery deep-copies a callback's options into
+  every member.
 * ``celery_langfuse_parent`` (a ``traceparent``) in the callback signature's own ``headers``
   option, so in the callback message itself, dropped when used: for a callback published
   elsewhere than in a member's worker (a ``chord_unlock`` backend, a chain's last link, an
@@ -201,7 +203,7 @@ def record_publishes(enabled: bool, public_key: str | None = None) -> None:
 
 def _on_before_publish(
     sender: Any = None, headers: MutableMapping[str, Any] | None = None,
-    routing_key: str | None = None, exchange: Any = None, **_: Any,
+    routing_key: str | None = None, exchange: Any = None, body: Any = None, **_: Any,
 ) -> None:
     try:
         if headers is None:
@@ -209,8 +211,11 @@ def _on_before_publish(
         pinned = headers.pop(PARENT_HEADER, None)
         if pinned is None:  # in a chord member's worker: its completion sends the callback
             callback: Any = otel_context.get_value(CALLBACK_KEY)
-            if callback is not None and headers.get("id") == callback[0]:
-                pinned = callback[1]
+            if callback is not None:
+                if headers.get("id") == callback[0]:
+                    pinned = callback[1]
+                elif fires_chord(body, callback[0]):  # the member's replacement fires it
+                    headers[CALLBACK_HEADER] = f"{callback[0]} {callback[1]}"
         members_pin = _members_pin.get()
         if members_pin is not None:  # a chord's members, being sent
             headers[CALLBACK_HEADER] = members_pin
@@ -222,6 +227,24 @@ def _on_before_publish(
             inject(headers)
     except Exception:  # tracing never breaks a publish
         logger.exception("celery-langfuse: could not add trace headers to task %s", sender)
+
+
+def fires_chord(body: Any, callback_id: str) -> bool:
+    """Whether a message (a protocol 2 body: args, kwargs, embed) fires the chord callback
+    ``callback_id`` when it completes: it carries that chord, or it starts a chain whose last
+    link does. A member's ``Task.replace`` sends such a message; the pin goes with it."""
+    embed = body[2] if type(body) in (tuple, list) and len(body) == 3 else None
+    if not isinstance(embed, dict):
+        return False
+    chords = [embed.get("chord")]
+    for link in embed.get("chain") or ():
+        options = link.get("options") if isinstance(link, dict) else None
+        chords.append(options.get("chord") if isinstance(options, dict) else None)
+    for chord in chords:
+        options = chord.get("options") if isinstance(chord, dict) else None
+        if isinstance(options, dict) and options.get("task_id") == callback_id:
+            return True
+    return False
 
 
 def _inject_under_enqueue(
