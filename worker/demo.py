@@ -400,21 +400,26 @@ BEAT_ENTRY = "hourly-digest"
 
 def run_beat_once(env: Mapping[str, str], workdir: Path, capture_url: str,
                   services: list[Process]) -> None:
-    """`celery -A worker beat` (no Langfuse keys) until one run of its entry is traced."""
+    """`celery -A worker beat` (no Langfuse keys) until it sends its entry once (then it is
+    stopped: one run, however long its trace takes to arrive), then until that run is traced."""
     beat_env = {k: v for k, v in env.items() if not k.startswith("LANGFUSE_")}
     beat_env["DEMO_BEAT_EVERY"] = "1"
     beat = Process("celery beat", [sys.executable, "-m", "celery", "-A", "worker", "beat",
-                                   "-s", str(workdir / "beat-schedule"), "--max-interval", "1"],
+                                   "-l", "debug", "-s", str(workdir / "beat-schedule"),
+                                   "--max-interval", "1"],
                    beat_env, inherit_env=False, log_path=workdir / "beat.log")
     services.append(beat)
     started = time.monotonic()
-    try:
-        while not _beat_run_traced(capture_url):
-            if time.monotonic() - started > 30:
-                raise DemoError("no beat run was traced within 30 s:\n" + beat.output_tail(15))
-            time.sleep(0.2)
+    try:  # "<task> sent. id->…": beat's debug line once the message is published
+        beat.wait_for_line(f"Sending due task {BEAT_ENTRY} ", timeout=30,
+                           what=f"sending {BEAT_ENTRY!r}")
+        beat.wait_for_line(" sent. id->", timeout=10, what=f"publishing {BEAT_ENTRY!r}")
     finally:
         beat.kill_group()
+    while not _beat_run_traced(capture_url):
+        if time.monotonic() - started > 30:
+            raise DemoError("no beat run was traced within 30 s:\n" + beat.output_tail(15))
+        time.sleep(0.2)
     log(f"celery beat sent {BEAT_ENTRY!r}; its run is traced "
         f"({time.monotonic() - started:.1f} s)")
 
