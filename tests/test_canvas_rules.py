@@ -342,3 +342,29 @@ def test_a_message_fires_the_chord_when_it_or_its_chains_last_link_carries_it():
     assert not _propagation.fires_chord(((), {}, {"chain": [{"task": "t.add"}]}), "cb-1")
     for odd in (None, b"raw", ((), {}), ((), {}, "embed"), ((), {}, {"chain": ["x"]})):
         assert not _propagation.fires_chord(odd, "cb-1")
+
+
+def test_members_get_the_nodes_traceparent_only_while_the_node_is_current():
+    """While a canvas's members are sent, a message published with the canvas node current
+    gets the node's traceparent as written; one published while another span is current (an
+    eager member's body sending a task) hangs under that span."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    node = NonRecordingSpan(SpanContext(0xA, 0xB, False, TraceFlags(1)))
+    written = f"00-{0xA:032x}-{0xB:016x}-01"
+    member = NonRecordingSpan(SpanContext(0xA, 0xC, False, TraceFlags(1)))
+    sent: list[dict[str, Any]] = [{"id": "m-1"}, {"id": "t-2"}]
+    with _propagation.members_sent(("cb-1", written), (node, written)):
+        token = otel_context.attach(otel_trace.set_span_in_context(node))
+        try:
+            _propagation._on_before_publish(sender="t.add", headers=sent[0])
+            inner = otel_context.attach(otel_trace.set_span_in_context(member))
+            _propagation._on_before_publish(sender="t.other", headers=sent[1])
+            otel_context.detach(inner)
+        finally:
+            otel_context.detach(token)
+    assert sent[0]["traceparent"] == written
+    assert sent[1]["traceparent"] == f"00-{0xA:032x}-{0xC:016x}-01"
+    assert [h[_propagation.CALLBACK_HEADER] for h in sent] == [f"cb-1 {written}"] * 2

@@ -44,7 +44,7 @@ does). Where the pin travels:
 * a chord of task signatures (members and callback) on a backend whose members' workers
   publish the callback (Redis, and every backend with its own chord join): a
   ``celery_langfuse_callback`` header on each member's message, written by the publish
-  handler while the members are sent (``callback_pinned``); nothing is added to the
+  handler while the members are sent (``members_sent``); nothing is added to the
   callback signature, which Celery deep-copies into every member (a third of a chord
   send's tracing cost, ``bench.publish``);
 * else (a chain or canvas among the members, whose last link sends the callback; a callback
@@ -84,7 +84,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from tracing.instrumentation import _producer
 from tracing.instrumentation._canvas_span import canvas_frame, is_task
-from tracing.instrumentation._propagation import PARENT_HEADER, callback_pinned
+from tracing.instrumentation._propagation import PARENT_HEADER, members_sent
 from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
 
 __all__ = ["EagerChain", "eager_chain", "install", "publish", "uninstall"]
@@ -304,22 +304,30 @@ def publish(
     a top-level root's ids come from ``root_id`` when the sender gave one, else the group id;
     a chord's callback group (``pinned``) gets a node under the chord's.
     Whatever fails in tracing, the canvas is sent."""
+    pin: contextlib.AbstractContextManager[None] = _NO_PIN
+    span: NonRecordingSpan | None = None
     try:
         placed = _place(kind, group_id, members, callback, absorb_header, root_id,
                         pinned.context if pinned is not None else None)
-        pin = _pin(callback, placed[2], members, eager) if placed is not None else _NO_PIN
-        if pinned is not None and placed is not None and placed[1] is not None:
-            pinned.unpin()
+        if placed is not None:
+            config, node, parent = placed
+            callback_pin = _pin(callback, parent, members, eager)
+            if node is not None:
+                span = NonRecordingSpan(node.context)
+                if pinned is not None:
+                    pinned.unpin()
+            if callback_pin is not None or span is not None:
+                pin = members_sent(callback_pin, (span, parent) if span is not None else None)
     except Exception:
         logger.exception("celery-langfuse: could not place canvas %s; it is sent untraced",
                          group_id)
         placed, pin = None, _NO_PIN
     config, node, _ = placed if placed is not None else (None, None, "")
-    if node is None:
+    if node is None or span is None:
         with pin:
             return send()
     token = _active.set(node)
-    otel_token = otel_context.attach(otel_trace.set_span_in_context(NonRecordingSpan(node.context)))
+    otel_token = otel_context.attach(otel_trace.set_span_in_context(span))
     result: Any = None
     error: BaseException | None = None
     try:
@@ -382,21 +390,21 @@ _NO_PIN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
 
 def _pin(callback: Any, traceparent: str, members: list[Any],
-         eager: bool) -> contextlib.AbstractContextManager[None]:
+         eager: bool) -> tuple[str, str] | None:
     """Pin the chord callback ``callback`` under ``traceparent`` (module docstring): on the
-    members' messages (a block to send them in is returned), else in the callback's options
-    (an empty block is returned, as for a group, which has no callback)."""
+    members' messages (then (callback id, traceparent) is returned, for ``members_sent``),
+    else in the callback's options (None is returned, as for a group, which has none)."""
     options = _options(callback, None) if callback is not None else None
     if options is None:
-        return _NO_PIN
+        return None
     callback_id = options.get("task_id")
     if (not eager and type(callback_id) is str and is_task(callback)
             and all(map(is_task, members)) and _joined_by_members(callback)):
-        return callback_pinned(callback_id, traceparent)
+        return callback_id, traceparent
     headers = options.get("headers")
     options["headers"] = ({**headers, PARENT_HEADER: traceparent} if headers
                           else {PARENT_HEADER: traceparent})
-    return _NO_PIN
+    return None
 
 
 def _joined_by_members(callback: Any) -> bool:

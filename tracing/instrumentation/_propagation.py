@@ -178,19 +178,27 @@ def disconnect_publish_handler() -> None:
 
 _publish_observation = False
 _public_key: str | None = None
-_members_pin: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "celery_langfuse_members_pin", default=None)
+# While a canvas's members are sent: their chord callback's pin, and their parent (the
+# canvas node's span and its traceparent).
+_Members = tuple[str | None, tuple[Any, str] | None]
+_members: contextvars.ContextVar[_Members | None] = contextvars.ContextVar(
+    "celery_langfuse_members", default=None)
 
 
 @contextlib.contextmanager
-def callback_pinned(callback_id: str, traceparent: str) -> Iterator[None]:
-    """Every message published in the block (a chord's members) carries the parent of the
-    chord callback ``callback_id`` (``celery_langfuse_callback``, module docstring)."""
-    token = _members_pin.set(f"{callback_id} {traceparent}")
+def members_sent(callback: tuple[str, str] | None,
+                 parent: tuple[Any, str] | None) -> Iterator[None]:
+    """Every message published in the block (a canvas's members) carries the parent of its
+    chord callback, ``callback`` = (callback task id, traceparent), as
+    ``celery_langfuse_callback`` (module docstring); and while ``parent`` = (span,
+    traceparent) is the current span, its ``traceparent`` is written as it is, not rebuilt
+    from the context for each member (an eager member's own span is current in its body)."""
+    pin = f"{callback[0]} {callback[1]}" if callback is not None else None
+    token = _members.set((pin, parent))
     try:
         yield
     finally:
-        _members_pin.reset(token)
+        _members.reset(token)
 
 
 def record_publishes(enabled: bool, public_key: str | None = None) -> None:
@@ -216,9 +224,14 @@ def _on_before_publish(
                     pinned = callback[1]
                 elif fires_chord(body, callback[0]):  # the member's replacement fires it
                     headers[CALLBACK_HEADER] = f"{callback[0]} {callback[1]}"
-        members_pin = _members_pin.get()
-        if members_pin is not None:  # a chord's members, being sent
-            headers[CALLBACK_HEADER] = members_pin
+        members = _members.get()
+        if members is not None:  # a canvas's members, being sent
+            pin, parent = members
+            if pin is not None:
+                headers[CALLBACK_HEADER] = pin
+            if pinned is None and parent is not None and (
+                    otel_trace.get_current_span() is parent[0]):
+                pinned = parent[1]
         if pinned is not None:
             inject(headers, traceparent=str(pinned))
         elif _publish_observation and otel_trace.get_current_span().is_recording():
