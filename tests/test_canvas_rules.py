@@ -356,7 +356,7 @@ def test_members_get_the_nodes_traceparent_only_while_the_node_is_current():
     written = f"00-{0xA:032x}-{0xB:016x}-01"
     member = NonRecordingSpan(SpanContext(0xA, 0xC, False, TraceFlags(1)))
     sent: list[dict[str, Any]] = [{"id": "m-1"}, {"id": "t-2"}]
-    with _propagation.members_sent(("cb-1", written), (node, written)):
+    with _propagation.MembersSent(("cb-1", written), (node, written)):
         token = otel_context.attach(otel_trace.set_span_in_context(node))
         try:
             _propagation._on_before_publish(sender="t.add", headers=sent[0])

@@ -44,7 +44,7 @@ does). Where the pin travels:
 * a chord of task signatures (members and callback) on a backend whose members' workers
   publish the callback (Redis, and every backend with its own chord join): a
   ``celery_langfuse_callback`` header on each member's message, written by the publish
-  handler while the members are sent (``members_sent``); nothing is added to the
+  handler while the members are sent (``MembersSent``); nothing is added to the
   callback signature, which Celery deep-copies into every member (a third of a chord
   send's tracing cost, ``bench.publish``);
 * else (a chain or canvas among the members, whose last link sends the callback; a callback
@@ -84,7 +84,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from tracing.instrumentation import _producer
 from tracing.instrumentation._canvas_span import canvas_frame, is_task
-from tracing.instrumentation._propagation import PARENT_HEADER, members_sent
+from tracing.instrumentation._propagation import PARENT_HEADER, MembersSent
 from tracing.instrumentation._task_span import root_observation_id_for, trace_id_for
 
 __all__ = ["EagerChain", "eager_chain", "install", "publish", "uninstall"]
@@ -317,7 +317,7 @@ def publish(
                 if pinned is not None:
                     pinned.unpin()
             if callback_pin is not None or span is not None:
-                pin = members_sent(callback_pin, (span, parent) if span is not None else None)
+                pin = MembersSent(callback_pin, (span, parent) if span is not None else None)
     except Exception:
         logger.exception("celery-langfuse: could not place canvas %s; it is sent untraced",
                          group_id)
@@ -392,7 +392,7 @@ _NO_PIN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 def _pin(callback: Any, traceparent: str, members: list[Any],
          eager: bool) -> tuple[str, str] | None:
     """Pin the chord callback ``callback`` under ``traceparent`` (module docstring): on the
-    members' messages (then (callback id, traceparent) is returned, for ``members_sent``),
+    members' messages (then (callback id, traceparent) is returned, for ``MembersSent``),
     else in the callback's options (None is returned, as for a group, which has none)."""
     options = _options(callback, None) if callback is not None else None
     if options is None:

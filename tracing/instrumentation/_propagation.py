@@ -185,20 +185,28 @@ _members: contextvars.ContextVar[_Members | None] = contextvars.ContextVar(
     "celery_langfuse_members", default=None)
 
 
-@contextlib.contextmanager
-def members_sent(callback: tuple[str, str] | None,
-                 parent: tuple[Any, str] | None) -> Iterator[None]:
-    """Every message published in the block (a canvas's members) carries the parent of its
-    chord callback, ``callback`` = (callback task id, traceparent), as
+class MembersSent:
+    """A block in which every message published (a canvas's members) carries the parent of
+    its chord callback, ``callback`` = (callback task id, traceparent), as
     ``celery_langfuse_callback`` (module docstring); and while ``parent`` = (span,
     traceparent) is the current span, its ``traceparent`` is written as it is, not rebuilt
-    from the context for each member (an eager member's own span is current in its body)."""
-    pin = f"{callback[0]} {callback[1]}" if callback is not None else None
-    token = _members.set((pin, parent))
-    try:
-        yield
-    finally:
-        _members.reset(token)
+    from the context for each member (an eager member's own span is current in its body).
+    A class, not a generator: it is entered once per canvas sent."""
+
+    __slots__ = ("_token", "_value")
+
+    def __init__(self, callback: tuple[str, str] | None,
+                 parent: tuple[Any, str] | None) -> None:
+        self._value = (f"{callback[0]} {callback[1]}" if callback is not None else None,
+                       parent)
+        self._token: contextvars.Token[_Members | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _members.set(self._value)
+
+    def __exit__(self, *_: object) -> None:
+        if self._token is not None:
+            _members.reset(self._token)
 
 
 def record_publishes(enabled: bool, public_key: str | None = None) -> None:
@@ -280,22 +288,20 @@ def _inject_under_enqueue(
 def inject(headers: MutableMapping[str, Any], traceparent: str | None = None) -> None:
     """Write the current trace context (or ``traceparent``) and attributes into the message's
     top-level headers (never a nested ``headers`` dict: see the module docstring)."""
-    carrier: dict[str, str] = {SENT_AT_HEADER: f"{time.time():.6f}"}
+    # The publish time and the W3C context overwrite what the message has: the observation
+    # publishing it is its parent, even when it copies an older message's headers
+    # (``Task.retry`` copies the request's), so attempt n+1 hangs under attempt n, a chain
+    # link under the link before. The attributes a message already has are kept.
+    headers[SENT_AT_HEADER] = f"{time.time():.6f}"
     if traceparent:
-        carrier["traceparent"] = traceparent
+        headers["traceparent"] = traceparent
     else:
+        carrier: dict[str, str] = {}
         _propagator.inject(carrier)
+        headers.update(carrier)
     attrs = _current.get()
-    if attrs is not None:
-        carrier[ATTRIBUTES_HEADER] = attrs.to_json()
-    for key, value in carrier.items():
-        if key in _W3C_KEYS or key == SENT_AT_HEADER:
-            # The observation publishing the message is its parent, even when the message
-            # copies an older one's headers (``Task.retry`` copies the request's): so attempt
-            # n+1 hangs under attempt n, a chain link under the link before.
-            headers[key] = value
-        else:
-            headers.setdefault(key, value)
+    if attrs is not None and ATTRIBUTES_HEADER not in headers:
+        headers[ATTRIBUTES_HEADER] = attrs.to_json()
 
 
 @dataclass(frozen=True)
