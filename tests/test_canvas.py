@@ -114,7 +114,7 @@ def test_chord_from_outside_is_one_trace_under_one_canvas_root(app, module_recei
     assert sorted(trace.output["task_ids"]) == sorted(r.id for r in result.parent.results)
 
 
-@pytest.mark.parametrize("members", ["retrying", "replaced", "a chain"])
+@pytest.mark.parametrize("members", ["retrying", "replaced", "replaced by a group", "a chain"])
 def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
         app, module_receiver, members):
     """The chord callback hangs under the canvas root when the member that fires it is a
@@ -126,6 +126,10 @@ def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
     elif members == "replaced":
         header = [app.signature("t.replaced", args=[i]) for i in range(2)]
         names = {"t.replaced": 2, "t.add": 2}
+    elif members == "replaced by a group":
+        header = [app.signature("t.replaced_by_group", args=[1]), app.signature("t.add",
+                                                                                args=[2, 2])]
+        names = {"t.replaced_by_group": 1, "t.add": 3}
     else:
         header = [chain(app.signature("t.add", args=[1, 1]), app.signature("t.add", args=[2])),
                   app.signature("t.add", args=[3, 3])]
@@ -137,7 +141,8 @@ def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
     [root] = trace.roots
     assert root.id == tracing.root_observation_id_for(result.parent.id)
     [callback] = [o for o in trace.observations if o.name == "t.chain_step"]
-    assert callback.parent_observation_id == root.id
+    assert callback.parent_observation_id == root.id, [
+        (o.name, o.id, o.parent_observation_id) for o in trace.observations]
 
 
 def test_group_from_outside_is_one_trace_of_siblings(app, module_receiver):

@@ -340,6 +340,8 @@ def test_a_message_fires_the_chord_when_it_or_its_chains_last_link_carries_it():
     assert _propagation.fires_chord(((), {}, {"chord": None, "chain": [last]}), "cb-1")
     assert not _propagation.fires_chord(((), {}, {"chord": callback}), "cb-2")
     assert not _propagation.fires_chord(((), {}, {"chain": [{"task": "t.add"}]}), "cb-1")
+    inner = {"task": "celery.accumulate", "options": {"task_id": "acc", "chord": callback}}
+    assert _propagation.fires_chord(((), {}, {"chord": inner}), "cb-1")  # replaced by a group
     for odd in (None, b"raw", ((), {}), ((), {}, "embed"), ((), {}, {"chain": ["x"]})):
         assert not _propagation.fires_chord(odd, "cb-1")
 

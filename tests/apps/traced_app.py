@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, group
 from celery.exceptions import Ignore, Reject
 from langfuse import get_client, observe
 
@@ -86,6 +86,12 @@ def add(x: int, y: int) -> int:
 def replaced(self: Any, x: int) -> None:
     """Replaces itself with ``t.add(x, x)`` (``Task.replace``), as a dynamic chord member."""
     raise self.replace(add.s(x, x))
+
+
+@app.task(name="t.replaced_by_group", bind=True)
+def replaced_by_group(self: Any, x: int) -> None:
+    """Replaces itself with a group of two ``t.add`` (Celery makes it a chord)."""
+    raise self.replace(group(add.s(x, x), add.s(x, 1)))
 
 
 @app.task(name="t.fail")

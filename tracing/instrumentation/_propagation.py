@@ -225,13 +225,12 @@ def _on_before_publish(
         if headers is None:
             return
         pinned = headers.pop(PARENT_HEADER, None)
-        if pinned is None:  # in a chord member's worker: its completion sends the callback
-            callback: Any = otel_context.get_value(CALLBACK_KEY)
-            if callback is not None:
-                if headers.get("id") == callback[0]:
-                    pinned = callback[1]
-                elif fires_chord(body, callback[0]):  # the member's replacement fires it
-                    headers[CALLBACK_HEADER] = f"{callback[0]} {callback[1]}"
+        callback: Any = otel_context.get_value(CALLBACK_KEY)
+        if callback is not None:  # in a chord member's worker: its completion sends it
+            if headers.get("id") == callback[0]:
+                pinned = callback[1] if pinned is None else pinned
+            elif fires_chord(body, callback[0]):  # the member's replacement leads to it
+                headers[CALLBACK_HEADER] = f"{callback[0]} {callback[1]}"
         members = _members.get()
         if members is not None:  # a canvas's members, being sent
             pin, parent = members
@@ -251,9 +250,11 @@ def _on_before_publish(
 
 
 def fires_chord(body: Any, callback_id: str) -> bool:
-    """Whether a message (a protocol 2 body: args, kwargs, embed) fires the chord callback
-    ``callback_id`` when it completes: it carries that chord, or it starts a chain whose last
-    link does. A member's ``Task.replace`` sends such a message; the pin goes with it."""
+    """Whether a message (a protocol 2 body: args, kwargs, embed) leads to the chord callback
+    ``callback_id``: it carries that chord, or a chord whose callback does (a member replaced
+    by a group: Celery makes it a chord whose callback carries the outer one), or it starts a
+    chain whose last link does. A member's ``Task.replace`` sends such a message; the pin
+    goes with it."""
     embed = body[2] if type(body) in (tuple, list) and len(body) == 3 else None
     if not isinstance(embed, dict):
         return False
@@ -262,9 +263,13 @@ def fires_chord(body: Any, callback_id: str) -> bool:
         options = link.get("options") if isinstance(link, dict) else None
         chords.append(options.get("chord") if isinstance(options, dict) else None)
     for chord in chords:
-        options = chord.get("options") if isinstance(chord, dict) else None
-        if isinstance(options, dict) and options.get("task_id") == callback_id:
-            return True
+        for _ in range(8):  # chords inside chords' callbacks, a few levels deep
+            options = chord.get("options") if isinstance(chord, dict) else None
+            if not isinstance(options, dict):
+                break
+            if options.get("task_id") == callback_id:
+                return True
+            chord = options.get("chord")
     return False
 
 
