@@ -11,6 +11,7 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -103,8 +104,18 @@ def as_pairs(r: ScanResult) -> list[tuple[int, bytes]]:
     return [(x.kind, x.payload) for x in r.records]
 
 
-def _reap(pid: int) -> int:
-    """Wait for a forked child and return its exit code."""
+def _reap(pid: int, timeout: float = 60.0) -> int:
+    """Wait (bounded) for a forked child and return its exit code; a child still running
+    after ``timeout`` seconds is killed and the test fails saying so."""
+    pidfd = os.pidfd_open(pid)  # readable once the child has exited
+    try:
+        exited = select.select([pidfd], [], [], timeout)[0]
+    finally:
+        os.close(pidfd)
+    if not exited:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail(f"forked child {pid} still running after {timeout:.0f} s (killed)")
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
 
@@ -628,7 +639,9 @@ def test_fork_without_python_hooks_is_detected_by_pid(tmp_path: Path) -> None:
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
         pytest.skip("no libc")
-    libc = ctypes.CDLL(libc_name, use_errno=True)
+    # PyDLL, not CDLL: the call keeps the GIL, so the child never starts with the GIL held
+    # by a thread of the parent's that does not exist in it (the test process has many).
+    libc = ctypes.PyDLL(libc_name, use_errno=True)
     w = SegmentWriter(tmp_path)
     w.append(encode_frame(KIND_SPAN, b"parent"))
     parent_path = w.current_path
