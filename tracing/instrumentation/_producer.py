@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from tracing._config import Config, load_config
 from tracing.instrumentation import _runtime
@@ -54,7 +54,7 @@ def current_config() -> Config:
     call), else the eager runtime's, else the environment's (read once)."""
     global _config, _instrument
     runtime = _runtime.current()
-    if runtime is not None and runtime is not _eager:  # a worker (see _in_worker)
+    if _in_worker(runtime):
         return runtime.config
     if _config is None:
         if _instrument is None:  # it imports the task handlers, which use this module
@@ -78,7 +78,8 @@ def sampled(config: Config, trace_id: str) -> bool:
     return bool(decision.decision == Decision.RECORD_AND_SAMPLE)
 
 
-def _in_worker(runtime: _runtime.Runtime | None) -> bool:
+def _in_worker(runtime: _runtime.Runtime | None) -> TypeGuard[_runtime.Runtime]:
+    """A worker's runtime (its main process or a pool child), not this module's eager one."""
     return runtime is not None and runtime is not _eager
 
 
@@ -92,7 +93,7 @@ def write(config: Config, frame: bytes) -> None:
             writer = _writers[config.spool_dir] = SegmentWriter(config.spool_dir)
         writer.append(frame)
         runtime = _runtime.current()
-        if runtime is not None and runtime is not _eager:  # a worker (see _in_worker)
+        if _in_worker(runtime):
             if runtime.shipper is not None:
                 runtime.shipper.wake()
             return  # a worker: its shipper sends the spool
