@@ -43,7 +43,7 @@ import logging
 import marshal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ from tracing.spool import (
 )
 from tracing.spool._drops import read_ledger
 from tracing.spool._space import PAGE
-from tracing.spool._spanrecord import origin_of, resource_blob, scope_blob
+from tracing.spool._spanrecord import as_lists, origin_of, resource_blob, scope_blob
 
 logger = logging.getLogger("celery_langfuse")
 
@@ -108,7 +108,7 @@ class OpenAttempt:
         except (EOFError, ValueError, TypeError, IndexError) as exc:
             raise ValueError(f"undecodable open-attempt record: {exc}") from exc
         return cls(task_id=task_id, name=name, trace_id=trace_id, span_id=span_id,
-                   parent_span_id=parent, start_ns=start_ns, attributes=_plain(attributes),
+                   parent_span_id=parent, start_ns=start_ns, attributes=as_lists(attributes),
                    resource=resource_attributes,
                    scope="langfuse-sdk" if scope_name is None else scope_name,
                    scope_version=scope_version, scope_attributes=scope_attributes)
@@ -143,16 +143,12 @@ def from_span(task_id: str, span: Any) -> OpenAttempt:
         span_id=f"{context.span_id:016x}",
         parent_span_id=f"{parent.span_id:016x}" if parent is not None else None,
         start_ns=span.start_time or time.time_ns(),
-        attributes=_plain(span.attributes or {}),
-        resource=_plain(span.resource.attributes if span.resource else {}),
+        attributes=as_lists(span.attributes or {}),
+        resource=as_lists(span.resource.attributes if span.resource else {}),
         scope=scope.name if scope else "langfuse-sdk",
         scope_version=(scope.version or "") if scope else "",
-        scope_attributes=_plain((scope.attributes or {}) if scope else {}),
+        scope_attributes=as_lists((scope.attributes or {}) if scope else {}),
     )
-
-
-def _plain(attributes: Mapping[str, Any]) -> dict[str, AttributeValue]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()}
 
 
 def closing_span(

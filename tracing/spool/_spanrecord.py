@@ -69,9 +69,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from tracing.spool import KIND_SPAN, encode_frame
 
-__all__ = ["BODY_COMPACT", "BODY_OTLP", "compact_span_record", "encode_record", "event_fields",
-           "link_fields", "origin_of", "otlp_batch", "otlp_request", "otlp_span", "parent_flags",
-           "resource_blob", "scope_blob", "span_record", "trace_state_text"]
+__all__ = ["BODY_COMPACT", "BODY_OTLP", "as_lists", "compact_span_record", "encode_record",
+           "event_fields", "link_fields", "origin_of", "otlp_batch", "otlp_request", "otlp_span",
+           "parent_flags", "resource_blob", "scope_blob", "span_record", "trace_state_text"]
 
 BODY_OTLP = 0x0A
 BODY_COMPACT = 0x02
@@ -138,15 +138,16 @@ def origin_of(resource: bytes, scope: bytes) -> _Origin:
     if hit is None:
         name, version, _schema, attributes = marshal.loads(scope) if scope else (
             None, "", None, {})
-        hit = (_as_lists(marshal.loads(resource)[0]), name, version or "",
-               _as_lists(attributes or {}))
+        hit = (as_lists(marshal.loads(resource)[0]), name, version or "",
+               as_lists(attributes or {}))
         if len(_origins) > 256:
             _origins.clear()
         _origins[key] = hit
     return hit
 
 
-def _as_lists(attributes: Mapping[str, Any]) -> dict[str, Any]:
+def as_lists(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``attributes`` with tuple values as lists (as JSON would give them back)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()}
 
 
