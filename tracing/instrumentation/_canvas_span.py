@@ -176,7 +176,7 @@ def _members_value(node: Any, shape: _Shape) -> dict[str, Any]:
     value: dict[str, Any] = {
         "members": [_member(m, n) for m, n in zip(node.members, shape.labels, strict=True)]}
     if node.callback is not None:
-        value["callback"] = _member(node.callback)
+        value["callback"] = _member(node.callback, shape.callback)
     return value
 
 
