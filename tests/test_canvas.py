@@ -114,12 +114,14 @@ def test_chord_from_outside_is_one_trace_under_one_canvas_root(app, module_recei
     assert sorted(trace.output["task_ids"]) == sorted(r.id for r in result.parent.results)
 
 
-@pytest.mark.parametrize("members", ["retrying", "replaced", "replaced by a group", "a chain"])
+@pytest.mark.parametrize("members", ["retrying", "replaced", "replaced by a group",
+                                     "replaced by a chord", "a chain"])
 def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
         app, module_receiver, members):
     """The chord callback hangs under the canvas root when the member that fires it is a
     retry (its message carried the pin on), a member's replacement (``Task.replace``: the
-    pin went with it) or a chain's last link (the pin is in the callback itself)."""
+    pin went with it; a replacing chord's members carry both chords' pins) or a chain's
+    last link (the pin is in the callback itself)."""
     if members == "retrying":
         header = [app.signature("t.retry") for _ in range(2)]
         names = {"t.retry": 4}
@@ -130,6 +132,10 @@ def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
         header = [app.signature("t.replaced_by_group", args=[1]), app.signature("t.add",
                                                                                 args=[2, 2])]
         names = {"t.replaced_by_group": 1, "t.add": 3}
+    elif members == "replaced by a chord":
+        header = [app.signature("t.replaced_by_chord", args=[1]), app.signature("t.add",
+                                                                                 args=[2, 2])]
+        names = {"t.replaced_by_chord": 1, "t.add": 3, "t.echo": 1}
     else:
         header = [chain(app.signature("t.add", args=[1, 1]), app.signature("t.add", args=[2])),
                   app.signature("t.add", args=[3, 3])]
@@ -143,6 +149,10 @@ def test_the_callback_hangs_under_the_canvas_root_however_its_members_run(
     [callback] = [o for o in trace.observations if o.name == "t.chain_step"]
     assert callback.parent_observation_id == root.id, [
         (o.name, o.id, o.parent_observation_id) for o in trace.observations]
+    if members == "replaced by a chord":  # the inner chord's callback: under its sender
+        [inner] = [o for o in trace.observations if o.name == "t.echo"]
+        [sender] = [o for o in trace.observations if o.name == "t.replaced_by_chord"]
+        assert inner.parent_observation_id == sender.id
 
 
 def test_group_from_outside_is_one_trace_of_siblings(app, module_receiver):

@@ -113,7 +113,7 @@ def test_a_chord_with_a_chain_member_pins_its_callback_in_the_callback(
 def test_a_chord_members_worker_sends_the_callback_under_the_pin():
     """In a chord member's task (its message carried the callback's parent), the publish of
     that callback goes under the pin; any other task it sends goes under the member; a
-    header that is not ``<id> <traceparent>`` is ignored."""
+    header that is not ``<id> <traceparent>`` (or a list of them) is ignored."""
     from opentelemetry import context as otel_context
     from opentelemetry import trace as otel_trace
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -122,13 +122,13 @@ def test_a_chord_members_worker_sends_the_callback_under_the_pin():
     request = type("Request", (), {"headers": {
         _propagation.CALLBACK_HEADER: f"cb-1 {pinned}"}})()
     incoming = _propagation.read_headers(request)
-    assert incoming.callback == ("cb-1", pinned)
-    for bad in ("cb-1", f" {pinned}", "cb-1 not-a-traceparent", 7):
+    assert incoming.callbacks == (("cb-1", pinned),)
+    for bad in ("cb-1", f" {pinned}", "cb-1 not-a-traceparent", 7, [7, "cb-1"], {"cb-1": 1}):
         request.headers = {_propagation.CALLBACK_HEADER: bad}
-        assert _propagation.read_headers(request).callback is None
+        assert _propagation.read_headers(request).callbacks == ()
     member = SpanContext(0xC, 0xD, False, TraceFlags(1))
     context = otel_context.set_value(
-        _propagation.CALLBACK_KEY, incoming.callback,
+        _propagation.CALLBACK_KEY, incoming.callbacks,
         otel_trace.set_span_in_context(NonRecordingSpan(member)))
     token = otel_context.attach(context)
     try:
@@ -141,6 +141,37 @@ def test_a_chord_members_worker_sends_the_callback_under_the_pin():
     assert callback["traceparent"] == pinned
     assert other["traceparent"] == f"00-{0xC:032x}-{0xD:016x}-01"
     assert _propagation.CALLBACK_HEADER not in callback | other
+
+
+def test_a_message_carries_the_pin_of_every_chord_it_fires():
+    """A member replaced by a chord: the inner chord's members carry the outer chord's pin
+    (their callback fires it) beside their own chord's; the inner callback is published
+    under its own pin and carries the outer one on; ids may hold spaces."""
+    from opentelemetry import context as otel_context
+
+    outer = "00-" + "a" * 32 + "-" + "b" * 16 + "-01"
+    inner = "00-" + "a" * 32 + "-" + "c" * 16 + "-01"
+    request = type("Request", (), {"headers": {
+        _propagation.CALLBACK_HEADER: [f"outer cb {outer}", f"inner-cb {inner}"]}})()
+    pins = _propagation.read_headers(request).callbacks
+    assert pins == (("outer cb", outer), ("inner-cb", inner))
+    fires_outer = ([], {}, {"chord": {"task": "t.total", "options": {"task_id": "outer cb"}}})
+    token = otel_context.attach(otel_context.set_value(_propagation.CALLBACK_KEY, pins[:1]))
+    try:
+        member: dict[str, Any] = {"id": "m-1"}
+        with _propagation.MembersSent(pins[1], None):  # the replacing chord's members
+            _propagation._on_before_publish(sender="t.add", headers=member, body=fires_outer)
+    finally:
+        otel_context.detach(token)
+    assert member[_propagation.CALLBACK_HEADER] == [f"outer cb {outer}", f"inner-cb {inner}"]
+    token = otel_context.attach(otel_context.set_value(_propagation.CALLBACK_KEY, pins))
+    try:
+        callback: dict[str, Any] = {"id": "inner-cb"}
+        _propagation._on_before_publish(sender="t.echo", headers=callback, body=fires_outer)
+    finally:
+        otel_context.detach(token)
+    assert callback["traceparent"] == inner
+    assert callback[_propagation.CALLBACK_HEADER] == f"outer cb {outer}"
 
 
 def test_the_canvas_input_is_redacted_like_a_tasks(app, published, producer):

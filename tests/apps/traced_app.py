@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from celery import Celery, group
+from celery import Celery, chord, group
 from celery.exceptions import Ignore, Reject
 from langfuse import get_client, observe
 
@@ -92,6 +92,12 @@ def replaced(self: Any, x: int) -> None:
 def replaced_by_group(self: Any, x: int) -> None:
     """Replaces itself with a group of two ``t.add`` (Celery makes it a chord)."""
     raise self.replace(group(add.s(x, x), add.s(x, 1)))
+
+
+@app.task(name="t.replaced_by_chord", bind=True)
+def replaced_by_chord(self: Any, x: int) -> None:
+    """Replaces itself with a chord of two ``t.add`` whose callback is ``t.echo``."""
+    raise self.replace(chord([add.s(x, x), add.s(x, 1)], echo.s()))
 
 
 @app.task(name="t.fail")

@@ -12,14 +12,17 @@ A chord callback's parent is pinned by the process that sent the chord (``_canva
 of two ways; either is used instead of the current context for the callback's own publish
 only, so a retry of the callback hangs under the attempt before, as every retry does:
 
-* ``celery_langfuse_callback`` on each member's message: ``<callback task id> <traceparent>``
-  (one space). The worker running the member keeps it in the task's context
-  (:data:`CALLBACK_KEY`); when the member's completion publishes the message with that task
-  id, it goes under that ``traceparent``. A member's retry carries it on (``Task.retry``
-  copies the request's headers), and so does a member's replacement (``Task.replace``: the
-  handler puts it on a message that fires the same chord, :func:`fires_chord`). Per
-  message, so nothing is copied per member: Celery deep-copies a callback's options into
-  every member.
+* ``celery_langfuse_callback`` on each member's message: a pin ``<callback task id>
+  <traceparent>`` (the id, one space, the 55-character ``traceparent``), or a list of such
+  pins when the message leads to several chords' callbacks (a member replaced by a chord:
+  its members fire the inner chord's callback, which fires the outer one). The worker
+  running the member keeps them in the task's context (:data:`CALLBACK_KEY`); when the
+  member's completion publishes the message with a pinned task id, it goes under that
+  ``traceparent``. A member's retry carries them on (``Task.retry`` copies the request's
+  headers), and so does a member's replacement, or a pinned callback that fires another
+  pinned chord (the handler puts each pin on a message that fires its chord,
+  :func:`fires_chord`). Per message, so nothing is copied per member: Celery deep-copies a
+  callback's options into every member.
 * ``celery_langfuse_parent`` (a ``traceparent``) in the callback signature's own ``headers``
   option, so in the callback message itself, dropped when used: for a callback published
   elsewhere than in a member's worker (a ``chord_unlock`` backend, a chain's last link, an
@@ -66,8 +69,10 @@ ATTRIBUTES_HEADER = "celery_langfuse"
 SENT_AT_HEADER = "celery_langfuse_sent_at"
 PARENT_HEADER = "celery_langfuse_parent"
 CALLBACK_HEADER = "celery_langfuse_callback"
-CALLBACK_KEY = otel_context.create_key("celery_langfuse.chord_callback")  # (task id, parent)
+CALLBACK_KEY = otel_context.create_key("celery_langfuse.chord_callback")  # Pins
 _W3C_KEYS = ("traceparent", "tracestate")
+Pin = tuple[str, str]  # a chord callback's (task id, traceparent)
+Pins = tuple[Pin, ...]
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -180,7 +185,7 @@ _publish_observation = False
 _public_key: str | None = None
 # While a canvas's members are sent: their chord callback's pin, and their parent (the
 # canvas node's span and its traceparent).
-_Members = tuple[str | None, tuple[Any, str] | None]
+_Members = tuple[Pin | None, tuple[Any, str] | None]
 _members: contextvars.ContextVar[_Members | None] = contextvars.ContextVar(
     "celery_langfuse_members", default=None)
 
@@ -195,10 +200,8 @@ class MembersSent:
 
     __slots__ = ("_token", "_value")
 
-    def __init__(self, callback: tuple[str, str] | None,
-                 parent: tuple[Any, str] | None) -> None:
-        self._value = (f"{callback[0]} {callback[1]}" if callback is not None else None,
-                       parent)
+    def __init__(self, callback: Pin | None, parent: tuple[Any, str] | None) -> None:
+        self._value = (callback, parent)
         self._token: contextvars.Token[_Members | None] | None = None
 
     def __enter__(self) -> None:
@@ -225,20 +228,20 @@ def _on_before_publish(
         if headers is None:
             return
         pinned = headers.pop(PARENT_HEADER, None)
-        callback: Any = otel_context.get_value(CALLBACK_KEY)
-        if callback is not None:  # in a chord member's worker: its completion sends it
-            if headers.get("id") == callback[0]:
-                pinned = callback[1] if pinned is None else pinned
-            elif fires_chord(body, callback[0]):  # the member's replacement leads to it
-                headers[CALLBACK_HEADER] = f"{callback[0]} {callback[1]}"
+        carried: Pins = ()
+        pins: Any = otel_context.get_value(CALLBACK_KEY)
+        if pins:  # in a chord member's worker: its completion sends the callback
+            pinned, carried = _use_pins(pins, headers.get("id"), body, pinned)
         members = _members.get()
         if members is not None:  # a canvas's members, being sent
             pin, parent = members
             if pin is not None:
-                headers[CALLBACK_HEADER] = pin
+                carried = (*(p for p in carried if p[0] != pin[0]), pin)
             if pinned is None and parent is not None and (
                     otel_trace.get_current_span() is parent[0]):
                 pinned = parent[1]
+        if carried:
+            headers[CALLBACK_HEADER] = pins_value(carried)
         if pinned is not None:
             inject(headers, traceparent=str(pinned))
         elif _publish_observation and otel_trace.get_current_span().is_recording():
@@ -247,6 +250,26 @@ def _on_before_publish(
             inject(headers)
     except Exception:  # tracing never breaks a publish
         logger.exception("celery-langfuse: could not add trace headers to task %s", sender)
+
+
+def _use_pins(pins: Pins, task_id: Any, body: Any, pinned: Any) -> tuple[Any, Pins]:
+    """The parent a pin gives the message ``task_id`` (a pinned callback; a parent the
+    message pinned itself comes first), and the pins it carries on (those of the chords
+    it fires)."""
+    carried = []
+    for pin in pins:
+        if task_id == pin[0]:
+            pinned = pin[1] if pinned is None else pinned
+        elif fires_chord(body, pin[0]):  # a member's replacement, or a callback, fires it
+            carried.append(pin)
+    return pinned, tuple(carried)
+
+
+def pins_value(pins: Pins) -> str | list[str]:
+    """The ``celery_langfuse_callback`` header of ``pins``: one pin as text, several as a
+    list of them."""
+    texts = [f"{task_id} {traceparent}" for task_id, traceparent in pins]
+    return texts[0] if len(texts) == 1 else texts
 
 
 def fires_chord(body: Any, callback_id: str) -> bool:
@@ -316,7 +339,7 @@ class IncomingContext:
     carrier: dict[str, str]
     attributes: TraceAttributes
     sent_at: float | None = None
-    callback: tuple[str, str] | None = None  # a chord member's: its callback's (id, parent)
+    callbacks: Pins = ()  # a chord member's: its chords' callbacks' (id, parent)
 
 
 def read_headers(request: Any) -> IncomingContext:
@@ -343,15 +366,19 @@ def read_headers(request: Any) -> IncomingContext:
         if callback is None:
             callback = source.get(CALLBACK_HEADER)
     return IncomingContext(carrier, _parse_attributes(raw_attrs), _seconds(sent_at),
-                           None if callback is None else _callback(callback))
+                           () if callback is None else _pins(callback))
 
 
-def _callback(value: Any) -> tuple[str, str] | None:
-    """``<callback task id> <traceparent>`` as (id, traceparent); None if it is not that."""
-    if type(value) is not str:
-        return None
-    task_id, _, traceparent = value.partition(" ")
-    return (task_id, traceparent) if task_id and traceparent.count("-") == 3 else None
+def _pins(value: Any) -> Pins:
+    """The pins of a ``celery_langfuse_callback`` header (text, or a list of texts); what is
+    not a pin is left out."""
+    texts = [value] if type(value) is str else value if isinstance(value, list) else ()
+    pins = []
+    for text in texts:
+        task_id, _, traceparent = text.rpartition(" ") if type(text) is str else ("", "", "")
+        if task_id and len(traceparent) == 55 and traceparent.count("-") == 3:
+            pins.append((task_id, traceparent))
+    return tuple(pins)
 
 
 def _seconds(value: Any) -> float | None:

@@ -134,8 +134,8 @@ def on_task_prerun(
     # Registered before anything else can fail, so task_postrun always ends the observation
     # and detaches the context: a context left attached would leak into the next task.
     context = task_context(span)
-    if incoming.callback is not None:  # a chord member: where its callback goes
-        context = otel_context.set_value(CALLBACK_KEY, incoming.callback, context)
+    if incoming.callbacks:  # a chord member: where its chords' callbacks go
+        context = otel_context.set_value(CALLBACK_KEY, incoming.callbacks, context)
     active = _active[task_id] = _Active(span, [otel_context.attach(context)], options)
     experiment: dict[str, Any] = safely(
         "reading the experiment header", {}, lambda: experiment_attributes(request))
@@ -154,9 +154,9 @@ def on_task_prerun(
 def _carry_callback_pin(task_id: str, request: Any) -> None:
     """A chord member excluded from tracing has no observation, but the callback its
     completion sends still goes under the parent its message pinned (``_propagation``)."""
-    callback = read_headers(request).callback
-    if callback is not None:
-        _untraced[task_id] = otel_context.attach(otel_context.set_value(CALLBACK_KEY, callback))
+    callbacks = read_headers(request).callbacks
+    if callbacks:
+        _untraced[task_id] = otel_context.attach(otel_context.set_value(CALLBACK_KEY, callbacks))
 
 
 _untraced: dict[str, Any] = {}  # excluded chord members: task id -> their context's token
