@@ -236,7 +236,7 @@ def _on_before_publish(
         if members is not None:  # a canvas's members, being sent
             pin, parent = members
             if pin is not None:
-                carried = (*(p for p in carried if p[0] != pin[0]), pin)
+                carried = (*(p for p in carried if p[0] != pin[0]), pin) if carried else (pin,)
             if pinned is None and parent is not None and (
                     otel_trace.get_current_span() is parent[0]):
                 pinned = parent[1]
@@ -268,8 +268,9 @@ def _use_pins(pins: Pins, task_id: Any, body: Any, pinned: Any) -> tuple[Any, Pi
 def pins_value(pins: Pins) -> str | list[str]:
     """The ``celery_langfuse_callback`` header of ``pins``: one pin as text, several as a
     list of them."""
-    texts = [f"{task_id} {traceparent}" for task_id, traceparent in pins]
-    return texts[0] if len(texts) == 1 else texts
+    if len(pins) == 1:
+        return f"{pins[0][0]} {pins[0][1]}"
+    return [f"{task_id} {traceparent}" for task_id, traceparent in pins]
 
 
 def fires_chord(body: Any, callback_id: str) -> bool:
