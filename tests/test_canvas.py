@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery, chain, chord, group
+from celery.canvas import chunks
 from langfuse import Langfuse
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -167,6 +168,19 @@ def test_group_from_outside_is_one_trace_of_siblings(app, module_receiver):
     members = [o for o in trace.observations if o.name == "t.add"]
     assert {m.parent_observation_id for m in members} == {root.id}
     assert {m.metadata["task_id"] for m in members} == {r.id for r in result.results}
+
+
+def test_chunks_are_one_trace_of_starmap_siblings(app, module_receiver):
+    """``chunks(...).apply_async()`` (a group of Celery's ``celery.starmap`` tasks) is one
+    trace named for the task it maps, the chunks siblings under its root."""
+    result = chunks(app.signature("t.add"), [(i, i) for i in range(4)], 2).apply_async()
+    assert result.get(timeout=30) == [[0, 2], [4, 6]]
+    trace = one_trace(module_receiver, tracing.trace_id_for(result.id),
+                      {"group: starmap(t.add) ×2": 1, "celery.starmap": 2})
+    [root] = trace.roots
+    assert trace.name == "group: starmap(t.add) ×2"
+    assert {o.parent_observation_id for o in trace.observations
+            if o.name == "celery.starmap"} == {root.id}
 
 
 def test_trace_attributes_name_the_canvas_trace(app, module_receiver):

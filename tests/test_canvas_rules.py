@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, chain, chord, group, signals
+from celery.canvas import chunks, xmap
 
 import tracing
 from tracing.instrumentation import _canvas, _instrument, _producer, _propagation
@@ -59,7 +60,8 @@ def spans_on(spool: Path) -> int:
 
 
 def test_canvas_names_say_what_the_canvas_is(app):
-    """Names count members per task, name the callback, and describe a canvas inside one."""
+    """Names count members per task, name the callback, and describe a canvas inside one
+    and the chunks of ``chunks`` (``celery.starmap`` running a task)."""
     add, total = app.signature("t.add"), app.signature("t.total")
     assert canvas_name("chord", [add] * 4, total) == "chord: t.add ×4 → t.total"
     assert canvas_name("group", [add, add, total], None) == "group: t.add ×2, t.total"
@@ -68,6 +70,9 @@ def test_canvas_names_say_what_the_canvas_is(app):
     assert canvas_name("group", [inner, inner], None) == "group: chord(t.add ×2 → t.total) ×2"
     many = [app.signature(f"t.{i}") for i in range(5)]
     assert canvas_name("group", many, None) == "group: t.0, t.1, t.2, +2 more"
+    chunked = chunks(add, [(1, 2), (3, 4)], 1).group().tasks
+    assert canvas_name("group", list(chunked), None) == "group: starmap(t.add) ×2"
+    assert canvas_name("group", [xmap(add, [1, 2])], None) == "group: map(t.add)"
 
 
 def test_a_chord_writes_one_root_and_pins_its_callback(app, published, producer):

@@ -59,7 +59,8 @@ _META_MEMBERS = f"{_NAMES.OBSERVATION_METADATA}.members"
 
 def label(sig: Any) -> str:
     """A signature's name: the task's, or ``chain(a → b)`` / ``group(a ×2)`` /
-    ``chord(a ×2 → b)`` for a canvas inside a canvas."""
+    ``chord(a ×2 → b)`` for a canvas inside a canvas, ``starmap(a)`` / ``map(a)`` for a
+    chunk of ``chunks`` / ``map`` / ``starmap`` (Celery's built-in tasks running ``a``)."""
     if not isinstance(sig, dict):  # a Signature is one
         return "?"
     kind = str(sig.get("task", "") or "?")
@@ -75,7 +76,12 @@ def label(sig: Any) -> str:
         members = list(_get(header, "kwargs", {}).get("tasks", header) or ())
         body = kwargs.get("body")
         return f"chord({_counted(members)}" + (f" → {label(body)})" if body else ")")
+    if kind in _MAPS and kwargs.get("task") is not None:
+        return f"{_MAPS[kind]}({label(kwargs['task'])})"
     return kind
+
+
+_MAPS = {"celery.starmap": "starmap", "celery.map": "map"}
 
 
 def _get(sig: Any, key: str, default: Any) -> Any:
