@@ -241,7 +241,7 @@ def _on_before_publish(
                     otel_trace.get_current_span() is parent[0]):
                 pinned = parent[1]
         if carried:
-            headers[CALLBACK_HEADER] = pins_value(carried)
+            headers[CALLBACK_HEADER] = _pins_value(carried)
         if pinned is not None:
             inject(headers, traceparent=str(pinned))
         elif _publish_observation and otel_trace.get_current_span().is_recording():
@@ -265,7 +265,7 @@ def _use_pins(pins: Pins, task_id: Any, body: Any, pinned: Any) -> tuple[Any, Pi
     return pinned, tuple(carried)
 
 
-def pins_value(pins: Pins) -> str | list[str]:
+def _pins_value(pins: Pins) -> str | list[str]:
     """The ``celery_langfuse_callback`` header of ``pins``: one pin as text, several as a
     list of them."""
     if len(pins) == 1:
@@ -371,9 +371,9 @@ def read_headers(request: Any) -> IncomingContext:
 
 
 def _pins(value: Any) -> Pins:
-    """The pins of a ``celery_langfuse_callback`` header (text, or a list of texts); what is
-    not a pin is left out."""
-    texts = [value] if type(value) is str else value if isinstance(value, list) else ()
+    """The pins of a ``celery_langfuse_callback`` header (text, or a list of texts, which a
+    serializer may hand over as a tuple); what is not a pin is left out."""
+    texts = [value] if type(value) is str else value if isinstance(value, (list, tuple)) else ()
     pins = []
     for text in texts:
         task_id, _, traceparent = text.rpartition(" ") if type(text) is str else ("", "", "")
